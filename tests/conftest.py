@@ -1,0 +1,46 @@
+"""Shared fixtures: in-process ComfyUI (``comfy``), the synthetic model zoo (``zoo``), a headless ComfyUI
+server with this pack installed (``comfy_server``) and ComfyUI log capture (``comfy_logs``).
+
+See tests/comfy_harness.py for the machinery.
+"""
+from __future__ import annotations
+
+import pytest
+
+import comfy_harness
+
+# ComfyUI must precede the repo root on sys.path before anything can import `nodes` (the repo has its own
+# nodes/ package); only the path is set here, ComfyUI itself is imported by the `comfy` fixture.
+comfy_harness.ensure_comfy_path()
+
+
+@pytest.fixture(scope="session")
+def comfy():
+    """ComfyUI v0.3.75 imported in-process on CPU (run code under test inside ``torch.inference_mode()``)."""
+    return comfy_harness.import_comfy()
+
+
+@pytest.fixture(scope="session")
+def zoo():
+    """The ``lorax_zoo`` module; checkpoints are cached in $LORAX_ZOO_DIR or <repo>/.cache/zoo."""
+    import lorax_zoo
+    return lorax_zoo
+
+
+@pytest.fixture(scope="session")
+def comfy_server(tmp_path_factory):
+    """A headless ComfyUI server (``.url``, ``.base_dir``, ``.run_prompt()``, ``.upload_model()``,
+    ``.log_text()``) in a temporary base dir, with this repo symlinked as ``custom_nodes/lora-x``."""
+    server = comfy_harness.ComfyServer(tmp_path_factory.mktemp("comfy_base"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def comfy_logs():
+    """Captures logging records during the test; ``.lora_keys_not_loaded()``, ``.messages()``, ``.text``."""
+    with comfy_harness.ComfyLogCapture() as capture:
+        yield capture
