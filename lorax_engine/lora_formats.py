@@ -21,7 +21,7 @@ from .architectures import detect_lora_architecture
 from .errors import LoraFileError, OutputPathError
 from .keys import canonical_to_kohya, expected_shape, module_to_canonical, split_key
 from .lora import LoraLayer, LoraModel
-from .safetensors_file import PICKLE_SUFFIXES, SafetensorsFile, load_state_dict_file
+from .safetensors_file import PICKLE_SUFFIXES, load_state_dict_file
 
 REFACTOR_ENERGY = 0.999          # LoHa/LoKr re-factorisation keeps at least this share of ||ΔW||_F^2
 MAX_METADATA_VALUE_CHARS = 4_000_000
@@ -36,19 +36,18 @@ MODELSPEC_RESOLUTION = {"sdxl": "1024x1024", "sd1": "512x512"}
 
 # --- reading ----------------------------------------------------------------------------------------
 
-def read_lora(path) -> LoraModel:
-    """Read a LoRA file (``.safetensors``, or a weights-only pickle) into canonical form."""
+def load_lora_file(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The raw tensors and metadata of a LoRA file (``.safetensors``, or a weights-only pickle)."""
     path = Path(path)
     suffix = path.suffix.lower()
-    if suffix == ".safetensors":
-        with SafetensorsFile(path) as f:
-            sd = {k: f.get(k) for k in f.keys()}
-            metadata = dict(f.metadata)
-    elif suffix in PICKLE_SUFFIXES:
-        sd, metadata = load_state_dict_file(path)
-    else:
-        raise LoraFileError(path, f"not a LoRA file type: {suffix or '(no extension)'!r} "
-                                  "(expected .safetensors)")
+    if suffix == ".safetensors" or suffix in PICKLE_SUFFIXES:
+        return load_state_dict_file(path)
+    raise LoraFileError(path, f"not a LoRA file type: {suffix or '(no extension)'!r} (expected .safetensors)")
+
+
+def read_lora(path) -> LoraModel:
+    """Read a LoRA file into canonical form."""
+    sd, metadata = load_lora_file(path)
     return lora_from_state_dict(sd, metadata, path=path)
 
 
@@ -119,7 +118,7 @@ def lora_from_state_dict(sd: dict[str, torch.Tensor], metadata: dict[str, str] |
         groups[c][p.part] = k
 
     layers: dict[str, LoraLayer] = {}
-    notes = [f"architecture {arch}: {detection.reason}"]
+    notes = []
     refactored = []
     kinds = set()
     for c in sorted(groups):
