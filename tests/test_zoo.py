@@ -247,3 +247,28 @@ def test_full_size_sd15_loads_in_comfyui(comfy, zoo, comfy_logs):
     key = "output_blocks.11.1.transformer_blocks.0.attn2.to_v.weight"
     torch.testing.assert_close(model.model.diffusion_model.state_dict()[key].float(),
                                zoo.weight("sd15", UNET + key).float(), rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_full_size_sdxl_text_encoders_load_in_comfyui(comfy, zoo, comfy_logs):
+    """The OpenCLIP-G checkpoint layout goes through ComfyUI's real SDXL loader with nothing missing (the
+    tiny SDXL UNet stands in for the 2.6 B one to keep memory down)."""
+    sd = load_file(str(zoo.checkpoint("tiny_sdxl")))
+    with safe_open(str(zoo.checkpoint("sdxl")), "pt") as f:
+        sd.update({k: f.get_tensor(k) for k in f.keys() if k.startswith("conditioner.")})
+    with torch.inference_mode():
+        _, clip, _, _ = comfy.sd.load_state_dict_guess_config(sd, output_vae=False, output_clip=True)
+    assert type(clip.cond_stage_model).__name__ == "SDXLClipModel"
+    assert not [m for m in comfy_logs.messages() if "clip missing" in m]
+    loaded = clip.cond_stage_model.state_dict()
+    g = "conditioner.embedders.1.model."
+    in_proj = zoo.weight("sdxl", g + "transformer.resblocks.5.attn.in_proj_weight")
+    for i, proj in enumerate(("q_proj", "k_proj", "v_proj")):
+        torch.testing.assert_close(loaded[f"clip_g.transformer.text_model.encoder.layers.5.self_attn.{proj}.weight"]
+                                   .float(), in_proj[1280 * i:1280 * (i + 1)].float(), rtol=0, atol=0)
+    # OpenCLIP stores the projection as x @ P; ComfyUI's Linear holds P^T
+    torch.testing.assert_close(loaded["clip_g.transformer.text_projection.weight"].float(),
+                               zoo.weight("sdxl", g + "text_projection").float().T, rtol=0, atol=0)
+    l_key = "text_model.encoder.layers.11.mlp.fc2.weight"
+    torch.testing.assert_close(loaded["clip_l.transformer." + l_key].float(),
+                               zoo.weight("sd15", CLIP_L_SD15 + l_key).float(), rtol=0, atol=0)
