@@ -32,10 +32,12 @@ PACK_DIR_NAME = "lora-x"          # the folder name a git clone of the pack gets
 PACK_MODULE_NAME = "lora_x_pack"  # in-process module name of the pack (load_pack)
 
 
-def ensure_comfy_path() -> None:
+def ensure_comfy_path(required: bool = True) -> None:
     """Put ComfyUI first on sys.path: ahead of the repo root, whose own ``nodes/`` package would otherwise
-    shadow ComfyUI's top-level ``nodes`` module."""
+    shadow ComfyUI's top-level ``nodes`` module. Without the runtime: raise, or do nothing if not required."""
     if not (COMFY_DIR / "main.py").is_file():
+        if not required:
+            return
         raise RuntimeError(f"ComfyUI runtime missing at {COMFY_DIR}: run `bash scripts/setup_runtime.sh`")
     path = str(COMFY_DIR)
     if sys.path[:1] != [path]:
