@@ -1,0 +1,93 @@
+"""The pack's nodes run in-process on real ComfyUI ModelPatchers (tiny SD15 and SDXL checkpoints that ComfyUI
+detects as such): the similarity map, projection, Apply (through ComfyUI's own LoRA loading) and Save."""
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import comfy_harness
+
+STRENGTH = 0.8
+
+
+@pytest.fixture(scope="module")
+def pack(comfy):
+    return comfy_harness.load_pack()
+
+
+@pytest.fixture(scope="module")
+def models(comfy, zoo):
+    with torch.inference_mode():
+        sd15, sd15_clip, _, _ = comfy.sd.load_checkpoint_guess_config(str(zoo.checkpoint("tiny_sd15")),
+                                                                      output_vae=False, output_clip=True)
+        sdxl, _, _, _ = comfy.sd.load_checkpoint_guess_config(str(zoo.checkpoint("tiny_sdxl")),
+                                                              output_vae=False, output_clip=False)
+    return sd15, sd15_clip, sdxl
+
+
+@pytest.fixture(scope="module")
+def lora_file(zoo, tmp_path_factory):
+    return zoo.make_sd15_lora(tmp_path_factory.mktemp("loras") / "style.safetensors", rank=8, seed=5)
+
+
+def _run(node_cls, **inputs):
+    node = node_cls()
+    with torch.inference_mode():
+        out = getattr(node, node_cls.FUNCTION)(**inputs)
+    return out["result"] if isinstance(out, dict) else out, (out.get("ui") if isinstance(out, dict) else None)
+
+
+def test_nodes_transfer_and_apply_like_the_stock_loader(comfy, pack, models, lora_file, comfy_logs, tmp_path,
+                                                        monkeypatch):
+    monkeypatch.setattr(comfy.folder_paths, "output_directory", str(tmp_path))
+    nodes = pack.NODE_CLASS_MAPPINGS
+    sd15, sd15_clip, sdxl = models
+    (lora, summary), _ = _run(nodes["LoRAX_LoadSourceLoRA"], lora_name="ignored", strength=1.0,
+                              lora_path=str(lora_file))
+    assert "architecture sd1" in summary
+    (smap, plot, text), ui = _run(nodes["LoRAX_SubspaceSimilarity"], source_model=sd15, target_model=sdxl,
+                                  rank=64, threshold=0.0, policy="best", method="fast", lora=lora)
+    assert plot.ndim == 4 and plot.shape[0] == 1 and plot.shape[-1] == 3
+    assert 0.0 <= float(plot.min()) and float(plot.max()) <= 1.0
+    assert ui["lorax"][0]["verdict"] in ("good", "weak", "none")
+    (projected, report_text), ui = _run(nodes["LoRAX_ProjectLoRA"], lora=lora, subspace_map=smap,
+                                        mode="subspace", rank_cap=0)
+    assert projected.architecture == "sdxl"
+    assert projected.layers, report_text
+    # cross-attention k/v of the 320-channel tiny SDXL read a 2048-wide context
+    kv = [k for k in projected.layers if k.endswith("attn2.to_k.weight")]
+    assert kv and all(projected.layers[k].weight_shape == (320, 2048) for k in kv)
+
+    (patched, _), _ = _run(nodes["LoRAX_ApplyToSDXL"], model=sdxl, clip=None, projected_lora=projected,
+                           strength_model=STRENGTH, strength_clip=STRENGTH)
+    assert comfy_logs.lora_keys_not_loaded() == []
+    with torch.inference_mode():
+        comfy.model_management.load_models_gpu([patched], force_full_load=True)
+        try:
+            after = {k: v.detach().float().clone() for k, v in patched.model.diffusion_model.state_dict().items()}
+        finally:
+            comfy.model_management.unload_all_models()
+    for key, layer in projected.layers.items():
+        short = key[len("diffusion_model."):]
+        w0 = sdxl.model.diffusion_model.state_dict()[short].float()
+        expected = w0 + STRENGTH * (layer.scale * layer.up.float() @ layer.down.float()).reshape(w0.shape)
+        torch.testing.assert_close(after[short], expected, rtol=1e-4, atol=1e-5)
+
+    (path,), ui = _run(nodes["LoRAX_SaveLoRA"], projected_lora=projected, filename="../../evil name",
+                       save_to="output/loras")
+    assert path == str(tmp_path / "loras" / "evil name.safetensors")
+    (path2,), _ = _run(nodes["LoRAX_SaveLoRA"], projected_lora=projected, filename="../../evil name",
+                       save_to="output/loras")
+    assert path2 != path and path2.endswith("_00001.safetensors")
+    written = load_file(path)
+    assert len([k for k in written if k.endswith(".lora_up.weight")]) == len(projected.layers)
+
+
+def test_apply_refuses_a_non_sdxl_model(pack, models, lora_file):
+    nodes = pack.NODE_CLASS_MAPPINGS
+    sd15, _, _ = models
+    from lorax_engine.lora import LoraModel
+    with pytest.raises(Exception, match="needs an SDXL model"):
+        _run(nodes["LoRAX_ApplyToSDXL"], model=sd15, clip=None, projected_lora=LoraModel({}, "sdxl"),
+             strength_model=1.0, strength_clip=1.0)
