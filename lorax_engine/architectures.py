@@ -144,8 +144,8 @@ def detect_lora_architecture(shapes: Mapping[str, Sequence[int]]) -> Detection:
         if _PROJ.search(k):
             shape = shapes[k]
             if any(k.endswith(s) for s in (".lora_down.weight", ".lora_up.weight")):
-                vote("sd1" if len(shape) == 4 else "sdxl",
-                     f"proj_in/proj_out are {'1x1 convolutions (SD1.x)' if len(shape) == 4 else 'linear (SDXL)'}: {k!r}")
+                kind = "1x1 convolutions (SD1.x)" if len(shape) == 4 else "linear (SDXL)"
+                vote("sd1" if len(shape) == 4 else "sdxl", f"proj_in/proj_out are {kind}: {k!r}")
 
     if not votes:
         votes = weak

@@ -196,7 +196,8 @@ _MAX_WORD_ATOMS = max(w.count("_") + 1 for w in _VOCABULARY)
 
 
 def underscore_to_dotted(name: str) -> str | None:
-    """``input_blocks_4_1_transformer_blocks_0_attn1_to_out_0`` -> ``input_blocks.4.1.transformer_blocks.0.attn1.to_out.0``.
+    """``input_blocks_4_1_transformer_blocks_0_attn1_to_out_0`` ->
+    ``input_blocks.4.1.transformer_blocks.0.attn1.to_out.0``.
 
     Greedy longest match against the vocabulary; None if some part is not a known module name.
     """

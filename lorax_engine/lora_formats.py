@@ -130,6 +130,9 @@ def lora_from_state_dict(sd: dict[str, torch.Tensor], metadata: dict[str, str] |
                 fail(f"layer {module!r}: tensor {k!r} contains NaN or Inf values")
         alpha = _alpha(sd, keys, module, fail)
         factors = {part: sd[k] for part, k in keys.items() if part != "alpha"}
+        adapters = {"lokr" if p.startswith("lokr_") else "loha" if p.startswith("hada_") else "lora" for p in factors}
+        if len(adapters) > 1:
+            fail(f"layer {module!r} mixes {' and '.join(sorted(adapters))} tensors")
         if "up" in factors or "down" in factors:
             kinds.add("lora")
             layers[c] = _lora_layer(factors, alpha, module, c, arch, fail)

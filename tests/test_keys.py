@@ -103,7 +103,8 @@ def test_sgm_names_map_one_to_one_for_any_architecture(arch, name, path):
      "diffusion_model.input_blocks.8.1.transformer_blocks.9.attn2.to_out.0.weight"),
     ("base_model.model.mid_block.attentions.0.transformer_blocks.0.ff.net.2", "sd1",
      "diffusion_model.middle_block.1.transformer_blocks.0.ff.net.2.weight"),
-    ("unet.base_model.model.up_blocks.3.attentions.2.proj_out", "sd1", "diffusion_model.output_blocks.11.1.proj_out.weight"),
+    ("unet.base_model.model.up_blocks.3.attentions.2.proj_out", "sd1",
+     "diffusion_model.output_blocks.11.1.proj_out.weight"),
     ("unet.mid_block.resnets.1.conv_shortcut", "sd1", None),            # no shortcut conv there
     ("text_encoder.text_model.encoder.layers.0.self_attn.q_proj", "sd1",
      "clip_l.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight"),
@@ -111,7 +112,8 @@ def test_sgm_names_map_one_to_one_for_any_architecture(arch, name, path):
      "clip_g.transformer.text_model.encoder.layers.31.mlp.fc2.weight"),
     ("text_encoder_2.base_model.model.text_model.encoder.layers.3.self_attn.out_proj", "sdxl",
      "clip_g.transformer.text_model.encoder.layers.3.self_attn.out_proj.weight"),
-    ("lora_te_text_model_encoder_layers_11_mlp_fc1", "sd1", "clip_l.transformer.text_model.encoder.layers.11.mlp.fc1.weight"),
+    ("lora_te_text_model_encoder_layers_11_mlp_fc1", "sd1",
+     "clip_l.transformer.text_model.encoder.layers.11.mlp.fc1.weight"),
     ("lora_te1_text_model_encoder_layers_0_self_attn_v_proj", "sdxl",
      "clip_l.transformer.text_model.encoder.layers.0.self_attn.v_proj.weight"),
     ("lora_te2_text_model_encoder_layers_20_self_attn_k_proj", "sdxl",
@@ -170,8 +172,9 @@ def test_canonical_to_kohya_is_accepted_by_comfyui_and_parses_back(zoo, table):
         assert module_to_canonical(name, arch) == key
         if key.startswith("diffusion_model."):
             assert name.startswith("lora_unet_input_blocks_") or not name.startswith("lora_unet_down_blocks")
+    te = "lora_te_" if arch == "sd1" else "lora_te1_"
     assert canonical_to_kohya("clip_l.transformer.text_model.encoder.layers.0.mlp.fc1.weight", arch) == (
-        "lora_te_text_model_encoder_layers_0_mlp_fc1" if arch == "sd1" else "lora_te1_text_model_encoder_layers_0_mlp_fc1")
+        f"{te}text_model_encoder_layers_0_mlp_fc1")
 
 
 def test_text_encoder_shapes_match_the_real_encoders(zoo):
@@ -231,7 +234,8 @@ def test_detects_factory_loras_in_every_scheme(arch, scheme):
     ({"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": (4, 1536)}, "unknown", "DiT"),
     ({"lora_unet_joint_blocks_0_x_block_attn_qkv.lora_down.weight": (4, 1536)}, "unknown", "SD3"),
     ({"lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": (4, 1280),
-      "lora_unet_input_blocks_1_1_transformer_blocks_0_attn2_to_k.lora_down.weight": (4, 768)}, "unknown", "conflicting"),
+      "lora_unet_input_blocks_1_1_transformer_blocks_0_attn2_to_k.lora_down.weight": (4, 768)},
+     "unknown", "conflicting"),
     ({"lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.lora_down.weight": (4, 640)}, "unknown",
      "no key or shape decides"),
 ])

@@ -19,9 +19,10 @@ STRENGTH_MODEL, STRENGTH_CLIP = 0.7, 0.4
 RANK, ALPHA = 4, 3.0
 # every kind of patchable UNet weight: attention, feed-forward, proj (1x1 conv in SD1.5, linear in SDXL),
 # resnet convs and shortcuts, down/upsamplers, embeddings, conv_in / conv_out
-UNET_TARGETS = re.compile(r"(transformer_blocks\.[09]\.(attn1\.to_q|attn2\.to_(k|out\.0)|ff\.net\.0\.proj)|proj_in|proj_out"
-                          r"|(input_blocks\.1|middle_block|output_blocks\.[01])\.0\.(in_layers\.2|out_layers\.3|skip_connection)"
-                          r"|\.op|\d\.conv|time_embed\.0|label_emb\.0\.0"
+UNET_TARGETS = re.compile(r"(transformer_blocks\.[09]\.(attn1\.to_q|attn2\.to_(k|out\.0)|ff\.net\.0\.proj)"
+                          r"|proj_in|proj_out|\.op|\d\.conv|time_embed\.0|label_emb\.0\.0"
+                          r"|(input_blocks\.1|middle_block|output_blocks\.[01])\.0\.(in_layers\.2|out_layers\.3"
+                          r"|skip_connection)"
                           r"|input_blocks\.0\.0|out\.2)\.weight$")
 TEXT_TARGETS = {
     "clip_l": ["text_model.encoder.layers.0.self_attn.q_proj.weight", "text_model.encoder.layers.11.mlp.fc2.weight"],

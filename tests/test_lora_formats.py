@@ -295,6 +295,7 @@ ERROR_CASES = {
     "up_without_down": ({f"{Q}.lora_up.weight": torch.randn(320, 4)}, "has a LoRA up factor but no down factor"),
     "incomplete_loha": ({f"{Q}.hada_w1_a": torch.randn(320, 4), f"{Q}.hada_w1_b": torch.randn(4, 320)},
                         "LoHa layer"),
+    "mixed_adapters": (_one_layer(**{f"{Q}.hada_w1_a": torch.randn(320, 4)}), f"layer '{Q}' mixes loha and lora"),
     "dora": (_one_layer(**{f"{Q}.dora_scale": torch.ones(320, 1)}), "DoRA"),
     "same_weight_twice": ({**_one_layer(), **{k.replace(Q, "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_"
                                                           "attn1_to_q"): v for k, v in _one_layer().items()}},
