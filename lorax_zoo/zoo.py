@@ -378,8 +378,9 @@ def sd15_lora_state_dict(rank: int = 32, seed: int = 0, cover: str = "full", sch
         m, n = shape[0], math.prod(shape[1:])
         gen = _generator("lora", seed, rank, lora_key)
         down = torch.randn(rank, n, generator=gen) / math.sqrt(n)
-        # the delta's entries get std ~0.004, about a tenth of the base weights', like a trained LoRA
-        up = torch.randn(m, rank, generator=gen) * (0.004 / (scale * math.sqrt(rank)))
+        # the delta's entries get std 0.004 (var = scale^2 * rank * var(up) / n), about a tenth of the base
+        # weights', like a trained LoRA
+        up = torch.randn(m, rank, generator=gen) * (0.004 * math.sqrt(n) / (scale * math.sqrt(rank)))
         if len(shape) == 4:    # kohya stores conv factors 4-D: down [k, c, kh, kw], up [m, k, 1, 1]
             down = down.view(rank, *shape[1:])
             up = up.view(m, rank, 1, 1)

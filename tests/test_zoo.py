@@ -93,7 +93,11 @@ def test_tiny_checkpoint_files_hold_the_zoo_values(zoo):
 
 
 def _svdvals(w):
-    return torch.linalg.svdvals(w.float().flatten(1))
+    """Singular values, descending, via the eigenvalues of the smaller Gram matrix in float64 (LAPACK's SVD
+    of a wide 1280 x 23040 matrix takes minutes on 2 cores; this takes a second)."""
+    a = w.double().flatten(1)
+    gram = a @ a.T if a.shape[0] <= a.shape[1] else a.T @ a
+    return torch.linalg.eigvalsh(gram).clamp(min=0).sqrt().flip(0)
 
 
 @pytest.mark.parametrize("key", [UNET + "input_blocks.4.1.transformer_blocks.0.attn1.to_q.weight",   # 640x640
@@ -132,7 +136,7 @@ def test_values_depend_only_on_seed_namespace_and_key(zoo):
     ("sd15_finetune", CLIP_L_SD15 + "text_model.encoder.layers.0.mlp.fc1.weight"),
     ("sdxl_finetune", UNET + "output_blocks.2.1.transformer_blocks.9.attn1.to_v.weight"),
     ("sdxl_finetune", "conditioner.embedders.1.model.transformer.resblocks.5.attn.in_proj_weight"),
-    ("sdxl_finetune", UNET + "output_blocks.0.0.in_layers.2.weight"),
+    ("sdxl_finetune", UNET + "input_blocks.1.0.in_layers.2.weight"),
 ])
 def test_finetunes_are_base_plus_small_rank4_drift(zoo, name, key):
     base = zoo.weight(name.replace("_finetune", ""), key).float().flatten(1)
