@@ -38,7 +38,7 @@ DRIFT_RELATIVE = 0.03     # ||drift||_F / ||W||_F of the fine-tunes
 _POOL_SIZE = 1 << 24      # noise is drawn from one seeded pool at per-tensor offsets: randn per element is the
                           # slowest step otherwise (3.5 G values for SDXL)
 
-SD15_UNET_PREFIX = "model.diffusion_model."
+UNET_PREFIX = "model.diffusion_model."
 
 
 @dataclass(frozen=True)
@@ -58,19 +58,19 @@ class _Spec:
 _CLIP_SD15 = _Part("cond_stage_model.transformer.", "clip_l", "clip_l")
 _CLIP_L_SDXL = _Part("conditioner.embedders.0.transformer.", "clip_l", "clip_l")
 _CLIP_G_SDXL = _Part("conditioner.embedders.1.model.", "clip_g_openclip", "clip_g")
-_SD15 = (_Part(SD15_UNET_PREFIX, "sd15_unet", "sd15_unet"), _CLIP_SD15)
-_SDXL = (_Part(SD15_UNET_PREFIX, "sdxl_unet", "sdxl_unet"), _CLIP_L_SDXL, _CLIP_G_SDXL)
+_SD15 = (_Part(UNET_PREFIX, "sd15_unet", "sd15_unet"), _CLIP_SD15)
+_SDXL = (_Part(UNET_PREFIX, "sdxl_unet", "sdxl_unet"), _CLIP_L_SDXL, _CLIP_G_SDXL)
 
 SPECS: dict[str, _Spec] = {
     "sd15": _Spec(_SD15, description="SD1.5 layout: UNet 860 M + CLIP-L 123 M (fp16, 2.0 GB)"),
     "sdxl": _Spec(_SDXL, description="SDXL base layout: UNet 2.57 B + CLIP-L + OpenCLIP-G (fp16, 6.8 GB)"),
     "sd15_finetune": _Spec(_SD15, "sd15_finetune", "sd15 + rank-4 drift on every weight"),
     "sdxl_finetune": _Spec(_SDXL, "sdxl_finetune", "sdxl + rank-4 drift on every weight"),
-    "tiny_sd15": _Spec((_Part(SD15_UNET_PREFIX, "tiny_sd15_unet", "tiny_sd15_unet"), _CLIP_SD15),
+    "tiny_sd15": _Spec((_Part(UNET_PREFIX, "tiny_sd15_unet", "tiny_sd15_unet"), _CLIP_SD15),
                        description="26 M UNet detected as SD15, plus the sd15 CLIP-L (fp16, 0.3 GB)"),
-    "tiny_sdxl": _Spec((_Part(SD15_UNET_PREFIX, "tiny_sdxl_unet", "tiny_sdxl_unet"),),
+    "tiny_sdxl": _Spec((_Part(UNET_PREFIX, "tiny_sdxl_unet", "tiny_sdxl_unet"),),
                        description="143 M UNet detected as SDXL, no text encoders (fp16, 0.3 GB)"),
-    "tiny_vega": _Spec((_Part(SD15_UNET_PREFIX, "tiny_vega_unet", "tiny_vega_unet"),),
+    "tiny_vega": _Spec((_Part(UNET_PREFIX, "tiny_vega_unet", "tiny_vega_unet"),),
                        description="86 M UNet detected as Segmind Vega, no text encoders"),
 }
 CHECKPOINTS = tuple(SPECS)
