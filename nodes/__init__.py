@@ -1,5 +1,5 @@
 """The pack's one registration point: node ids (stable, prefixed) -> classes and display names."""
-from .transfer_nodes import ApplyToSDXL, LoadSourceLoRA, ProjectLoRAX, SaveLoRAX, SubspaceSimilarity
+from .transfer_nodes import ApplyToSDXL, ComparisonGrid, LoadSourceLoRA, ProjectLoRAX, SaveLoRAX, SubspaceSimilarity
 
 NODE_CLASS_MAPPINGS = {
     "LoRAX_LoadSourceLoRA": LoadSourceLoRA,
@@ -7,6 +7,7 @@ NODE_CLASS_MAPPINGS = {
     "LoRAX_ProjectLoRA": ProjectLoRAX,
     "LoRAX_ApplyToSDXL": ApplyToSDXL,
     "LoRAX_SaveLoRA": SaveLoRAX,
+    "LoRAX_ComparisonGrid": ComparisonGrid,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -15,4 +16,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "LoRAX_ProjectLoRA": "Project LoRA-X",
     "LoRAX_ApplyToSDXL": "Apply LoRA-X to SDXL",
     "LoRAX_SaveLoRA": "Save LoRA-X",
+    "LoRAX_ComparisonGrid": "Comparison Grid (LoRA-X)",
 }

@@ -9,6 +9,7 @@ import torch
 import comfy.sd
 import folder_paths
 
+from ..lorax_engine.grid import labelled_grid
 from ..lorax_engine.lora import LoraLayer, LoraModel
 from ..lorax_engine.lora_formats import read_lora, to_kohya_state_dict, write_lora
 from ..lorax_engine.matching import DEFAULT_POLICY, DEFAULT_THRESHOLD, POLICIES
@@ -279,3 +280,34 @@ class SaveLoRAX:
         return {"ui": {"lorax": [{"verdict": "good", "lines": [f"saved {path.name}"]}],
                        "text": [str(path)]},
                 "result": (str(path),)}
+
+
+class ComparisonGrid:
+    DESCRIPTION = ("Puts up to four image batches side by side under text labels, one row per image of the "
+                   "batch: the way to compare SDXL without the LoRA, the SD1.5 LoRA through a stock loader and "
+                   "the LoRA-X transfer with the same prompts and seeds.")
+    CATEGORY = CATEGORY
+    FUNCTION = "grid"
+    RETURN_TYPES = ("IMAGE",)
+    RETURN_NAMES = ("grid",)
+    OUTPUT_TOOLTIPS = ("One labelled image: columns are the inputs, rows the images of each batch.",)
+    MAX_COLUMNS = 4
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        image = ("IMAGE", {"tooltip": "A batch of images for one column."})
+        return {
+            "required": {
+                "image_1": image,
+                "labels": ("STRING", {"default": "no LoRA | stock loader | LoRA-X",
+                                      "tooltip": "Column labels separated by '|', in input order."}),
+            },
+            "optional": {f"image_{i}": image for i in range(2, cls.MAX_COLUMNS + 1)},
+        }
+
+    def grid(self, image_1, labels, **more):
+        columns = [image_1] + [more[f"image_{i}"] for i in range(2, self.MAX_COLUMNS + 1)
+                               if more.get(f"image_{i}") is not None]
+        names = [s.strip() for s in labels.split("|")]
+        out = labelled_grid([c.detach().float().cpu().numpy() for c in columns], names)
+        return (torch.from_numpy(out).unsqueeze(0),)
