@@ -1,0 +1,91 @@
+"""The example workflows through the real headless ComfyUI server with this pack installed, on synthetic
+checkpoints that ComfyUI detects as SD15 and SDXL."""
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from comfy_harness import REPO_ROOT
+from workflow_format import ui_to_api
+
+pytestmark = pytest.mark.server
+
+WORKFLOWS = REPO_ROOT / "workflows"
+STRENGTH = 0.75
+SD15_NAME = "v1-5-pruned-emaonly.safetensors"
+SDXL_NAME = "sd_xl_base_1.0.safetensors"
+LORA_NAME = "my_sd15_style_lora.safetensors"
+
+
+def _api(name: str) -> dict:
+    return json.loads((WORKFLOWS / "api" / f"{name}.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def server(comfy_server, zoo, tmp_path_factory):
+    lora = zoo.make_sd15_lora(tmp_path_factory.mktemp("lora") / LORA_NAME, rank=8, seed=11)
+    comfy_server.upload_model("checkpoints", zoo.checkpoint("tiny_sd15"), SD15_NAME)
+    comfy_server.upload_model("checkpoints", zoo.checkpoint("tiny_sdxl"), SDXL_NAME)
+    comfy_server.upload_model("loras", lora, LORA_NAME)
+    return comfy_server
+
+
+@pytest.mark.parametrize("path", sorted(WORKFLOWS.glob("*.json")), ids=lambda p: p.stem)
+def test_ui_workflow_matches_its_api_twin(server, path):
+    object_info = server.object_info()
+    ui = json.loads(path.read_text())
+    assert all(node["type"] in object_info for node in ui["nodes"])
+    strip = lambda api: {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in api.items()}
+    assert strip(ui_to_api(ui, object_info)) == strip(_api(path.stem))
+
+
+def _output_file(server, suffix_dir: str, pattern: str):
+    found = sorted((server.output_dir / suffix_dir).glob(pattern))
+    assert found, f"nothing matching {pattern} in {server.output_dir / suffix_dir}"
+    return found[-1]
+
+
+def test_convert_and_save_workflow_patches_like_the_stock_loader(server, zoo, comfy_logs):
+    prompt = _api("lorax_convert_and_save")
+    # the same graph also applies the projection and saves the patched UNet with ComfyUI's ModelSave,
+    # so the patched weights can be compared with base + strength * dW of the saved LoRA file
+    prompt["90"] = {"class_type": "LoRAX_ApplyToSDXL", "inputs": {
+        "model": ["2", 0], "clip": ["2", 1], "projected_lora": ["6", 0],
+        "strength_model": STRENGTH, "strength_clip": STRENGTH}}
+    prompt["91"] = {"class_type": "ModelSave", "inputs": {"model": ["90", 0], "filename_prefix": "patched/unet"}}
+    # unrelated synthetic models score near chance (as SD1.5 vs SDXL may): apply every candidate
+    prompt["4"]["inputs"].update(rank=64, threshold=-1.0)
+    history = server.run_prompt(prompt, timeout=900)
+    assert history["status"]["status_str"] == "success"
+    summary = history["outputs"]["6"]["lorax"][0]
+    assert summary["applied"] > 0 and summary["verdict"] in ("good", "weak")
+    saved = history["outputs"]["7"]["text"][0]
+    assert saved.endswith("my_style_lorax_sdxl.safetensors")
+
+    lora_sd = load_file(saved)
+    patched = load_file(str(_output_file(server, "patched", "unet*.safetensors")))
+    base = load_file(str(zoo.checkpoint("tiny_sdxl")))
+    prefix = "model.diffusion_model."
+    downs = [k for k in lora_sd if k.endswith(".lora_down.weight")]
+    assert downs
+    key_map = zoo.lora_key_map("sdxl")
+    for down_key in downs:
+        name = down_key[: -len(".lora_down.weight")]
+        model_key = key_map[name][len("diffusion_model."):]
+        down = lora_sd[down_key].float().flatten(1)
+        up = lora_sd[f"{name}.lora_up.weight"].float().flatten(1)
+        scale = float(lora_sd[f"{name}.alpha"]) / down.shape[0]
+        w0 = base[prefix + model_key].float()
+        expected = w0 + STRENGTH * (scale * up @ down).reshape(w0.shape)
+        got = patched[prefix + model_key].float()
+        # the LoRA file stores fp16 factors; the applied ones were float32
+        torch.testing.assert_close(got, expected, rtol=0, atol=2e-3 * float(expected.abs().max()))
+    untouched = [k for k in base if k.startswith(prefix) and k[len(prefix):] not in
+                 {key_map[d[: -len('.lora_down.weight')]][len('diffusion_model.'):] for d in downs}]
+    for key in untouched[:50]:
+        torch.testing.assert_close(patched[key].float(), base[key].float(), rtol=0, atol=0)
+    assert "lora key not loaded" not in server.log_text()
