@@ -1,0 +1,285 @@
+"""Commands ``transfer``, ``similarity`` and ``batch`` of ``python -m lorax_engine``.
+
+    transfer   --source-model SD15.safetensors --target-model SDXL.safetensors --lora IN --out OUT
+               [--report R.json] [--plot P.png] [--rank 320] [--threshold T] [--mode M] [--policy P]
+               [--output-rank K] [--device cpu|cuda] [--cache-dir DIR | --no-cache] [--fast | --exact]
+    similarity --source-model ... --target-model ... [--lora IN] [--plot P.png] [--report R.json]
+    batch      --source-model ... --target-model ... --lora-dir DIR --out-dir DIR [--report-dir DIR]
+
+Bases are cached in ``--cache-dir`` (default ``$LORAX_CACHE_DIR`` or ``~/.cache/lorax/subspaces``), so a
+second run against the same models is fast; ``batch`` computes them once for the whole folder. Progress
+goes to stderr. Errors print one line (see cli.py); ``batch`` carries on past a bad file and exits 1 if
+any failed.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+from .base_weights import CheckpointWeights
+from .errors import LoraXError, OutputPathError, TransferOptionError
+from .lora_formats import read_lora, write_lora
+from .matching import DEFAULT_THRESHOLD, POLICIES
+from .output_names import sanitize_stem, unique_output_path
+from .plot import plot_similarity
+from .projection import MODES
+from .subspaces import DEFAULT_RANK, SubspaceCache, default_cache_dir
+from .transfer import TransferOptions, compute_similarity_map, transfer
+
+
+# --------------------------------------------------------------------------------------------- arguments
+
+def _threshold(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r} (use -inf to apply every candidate)") from None
+
+
+def _model_args(p):
+    p.add_argument("--source-model", required=True, help="checkpoint the LoRA was trained on (.safetensors)")
+    p.add_argument("--target-model", required=True, help="checkpoint to carry the LoRA over to (.safetensors)")
+
+
+def _option_args(p, projection: bool = True):
+    p.add_argument("--rank", type=int, default=DEFAULT_RANK, help=f"subspace rank r (default {DEFAULT_RANK})")
+    p.add_argument("--threshold", type=_threshold, default=DEFAULT_THRESHOLD,
+                   help=f"minimum normalised similarity, 0 = chance, 1 = same (default {DEFAULT_THRESHOLD}; "
+                        "-inf applies every candidate)")
+    speed = p.add_mutually_exclusive_group()
+    speed.add_argument("--fast", dest="exact", action="store_false",
+                       help="score candidates with randomised bases, project with exact ones (default)")
+    speed.add_argument("--exact", dest="exact", action="store_true", help="exact bases everywhere (slower)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    cache = p.add_mutually_exclusive_group()
+    cache.add_argument("--cache-dir", type=Path, default=None,
+                       help="subspace cache folder (default $LORAX_CACHE_DIR or ~/.cache/lorax/subspaces)")
+    cache.add_argument("--no-cache", action="store_true", help="do not read or write the disk cache")
+    p.add_argument("--rehash", action="store_true",
+                   help="hash the models' weights again instead of trusting the digest memo")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    if projection:
+        p.add_argument("--mode", choices=MODES, default="subspace",
+                       help="subspace (default), subspace+null, or direct (baseline: no projection)")
+        p.add_argument("--policy", choices=POLICIES, default="best", help="target layer choice (default best)")
+        p.add_argument("--output-rank", type=int, default=None, help="cap the output rank (truncated SVD)")
+
+
+def add_arguments(subparsers) -> None:
+    p = subparsers.add_parser("transfer", help="carry a LoRA from its base model to another one (LoRA-X)")
+    _model_args(p)
+    p.add_argument("--lora", required=True, help="LoRA file trained on the source model")
+    p.add_argument("--out", required=True, type=Path, help="output LoRA (.safetensors)")
+    p.add_argument("--report", type=Path, help="write the per-layer report as JSON")
+    p.add_argument("--plot", type=Path, help="write the similarity plot as PNG")
+    p.add_argument("--table", action="store_true", help="print the per-layer table")
+    _option_args(p)
+    p.set_defaults(run=run_transfer)
+
+    p = subparsers.add_parser("similarity", help="similarity map of two base models (and plot), no LoRA written")
+    _model_args(p)
+    p.add_argument("--lora", help="only the layers this LoRA touches (default: every layer of a known role)")
+    p.add_argument("--report", type=Path, help="write the map as JSON")
+    p.add_argument("--plot", type=Path, help="write the similarity plot as PNG")
+    _option_args(p, projection=False)
+    p.set_defaults(run=run_similarity)
+
+    p = subparsers.add_parser("batch", help="transfer every LoRA of a folder (bases computed once)")
+    _model_args(p)
+    p.add_argument("--lora-dir", required=True, type=Path, help="folder of LoRA files (.safetensors)")
+    p.add_argument("--out-dir", required=True, type=Path, help="folder for the transferred LoRAs")
+    p.add_argument("--report-dir", type=Path, help="folder for per-file JSON reports")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs (default: add a counter)")
+    _option_args(p)
+    p.set_defaults(run=run_batch)
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+class ProgressBar:
+    """A one-line progress bar on stderr (plain lines, at most every few seconds, when not a terminal)."""
+
+    def __init__(self, label: str = "", enabled: bool = True, stream=None):
+        self.stream = stream or sys.stderr
+        self.enabled = enabled
+        self.tty = self.stream.isatty()
+        self.label = label
+        self._last = 0.0
+        self._shown = False
+
+    def __call__(self, done: int, total: int):
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        if done < total and now - self._last < (0.2 if self.tty else 5.0):
+            return
+        self._last = now
+        frac = done / total if total else 1.0
+        bar = "#" * int(30 * frac) + "-" * (30 - int(30 * frac))
+        line = f"{self.label} [{bar}] {100 * frac:5.1f}% ({done}/{total})"
+        self.stream.write(("\r" + line) if self.tty else line + "\n")
+        self.stream.flush()
+        self._shown = True
+
+    def close(self):
+        if self.enabled and self.tty and self._shown:
+            self.stream.write("\n")
+            self.stream.flush()
+        self._shown = False
+
+
+def _options(args) -> TransferOptions:
+    return TransferOptions(rank=args.rank, method="exact" if args.exact else "fast", threshold=args.threshold,
+                           policy=getattr(args, "policy", "best"), mode=getattr(args, "mode", "subspace"),
+                           output_rank=getattr(args, "output_rank", None), device=args.device)
+
+
+def _cache(args) -> SubspaceCache:
+    if args.no_cache:
+        return SubspaceCache()
+    return SubspaceCache(args.cache_dir or default_cache_dir())
+
+
+def _open_models(args, cache: SubspaceCache):
+    memo = cache.directory / "fingerprints" if cache.directory is not None else None
+    source = CheckpointWeights(args.source_model, fingerprint_dir=memo, rehash=args.rehash)
+    try:
+        target = CheckpointWeights(args.target_model, fingerprint_dir=memo, rehash=args.rehash)
+    except BaseException:
+        source.close()
+        raise
+    return source, target
+
+
+def _write_text(path: Path, text: str):
+    try:
+        path.write_text(text)
+    except OSError as err:
+        raise OutputPathError(f"{path}: cannot be written ({err.strerror or err})") from None
+
+
+def _plot(path: Path, rows, threshold, title):
+    try:
+        plot_similarity(rows, threshold, title, path)
+    except OSError as err:
+        raise OutputPathError(f"{path}: cannot be written ({err.strerror or err})") from None
+
+
+def _summary_line(report) -> str:
+    s = report.summary()
+    reasons = ", ".join(f"{n} {r}" for r, n in s["dropped_by_reason"].items()) or "none dropped"
+    return (f"{s['applied']}/{s['source_layers']} layers applied -> {s['target_layers_written']} target layers "
+            f"({reasons}); energy kept {100 * s['energy_kept']:.1f}%; {s['seconds']:.1f} s")
+
+
+def _write_result(result, report, out: Path):
+    if not result.layers:
+        raise TransferOptionError(f"nothing to write to {out}: no layer passed the threshold "
+                                  f"({_summary_line(report)}); see the report, or lower --threshold")
+    if result.architecture not in ("sd1", "sdxl"):
+        raise TransferOptionError(f"cannot write {out}: the target model's architecture is "
+                                  f"{report.target_architecture!r}")
+    write_lora(result, out, architecture=result.architecture, extra_metadata=report.metadata())
+
+
+# --------------------------------------------------------------------------------------------- commands
+
+def run_transfer(args) -> int:
+    options = _options(args)
+    cache = _cache(args)
+    lora = read_lora(args.lora)
+    source, target = _open_models(args, cache)
+    bar = ProgressBar("transfer", not args.quiet)
+    try:
+        result, report = transfer(lora, source, target, options, cache=cache, progress=bar)
+    finally:
+        bar.close()
+        source.close()
+        target.close()
+    _write_result(result, report, args.out)
+    if args.report:
+        _write_text(args.report, report.to_json())
+    if args.plot:
+        _plot(args.plot, report.plot_rows(), options.threshold, f"{Path(args.lora).name}: {source.name} -> "
+                                                                  f"{target.name}")
+    if args.table:
+        print(report.format_table())
+    print(f"wrote {args.out}: {_summary_line(report)}")
+    return 0
+
+
+def run_similarity(args) -> int:
+    options = _options(args)
+    cache = _cache(args)
+    lora = read_lora(args.lora) if args.lora else None
+    source, target = _open_models(args, cache)
+    bar = ProgressBar("similarity", not args.quiet)
+    try:
+        smap = compute_similarity_map(source, target, options, source_keys=sorted(lora.layers) if lora else None,
+                                      cache=cache, progress=bar)
+    finally:
+        bar.close()
+        source.close()
+        target.close()
+    if args.report:
+        import json
+        _write_text(args.report, json.dumps(smap.to_dict(), indent=1))
+    if args.plot:
+        _plot(args.plot, smap.plot_rows(), options.threshold, f"{source.name} -> {target.name}")
+    rows = smap.plot_rows()
+    scored = [r["best"] for r in rows if r["best"] is not None]
+    above = sum(s >= options.threshold for s in scored)
+    mean = sum(scored) / len(scored) if scored else math.nan
+    print(f"{len(rows)} source layers, {len(scored)} with candidates; best score >= threshold "
+          f"{options.threshold:g}: {above}; mean best score {mean:.3f}; {smap.seconds:.1f} s")
+    return 0
+
+
+def run_batch(args) -> int:
+    options = _options(args)
+    if not args.lora_dir.is_dir():
+        raise TransferOptionError(f"{args.lora_dir}: not a folder")
+    files = sorted(p for p in args.lora_dir.iterdir() if p.suffix.lower() == ".safetensors" and p.is_file())
+    if not files:
+        raise TransferOptionError(f"{args.lora_dir}: no .safetensors files")
+    for folder in (args.out_dir, args.report_dir):
+        if folder is not None:
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                raise OutputPathError(f"{folder}: cannot be created ({err.strerror or err})") from None
+    cache = _cache(args)
+    source, target = _open_models(args, cache)
+    failures, start = [], time.perf_counter()
+    try:
+        for i, path in enumerate(files, 1):
+            bar = ProgressBar(f"[{i}/{len(files)}] {path.name[:40]}", not args.quiet)
+            try:
+                lora = read_lora(path)
+                result, report = transfer(lora, source, target, options, cache=cache, progress=bar)
+                bar.close()
+                out = args.out_dir / f"{sanitize_stem(path.stem)}.safetensors" if args.overwrite else \
+                    unique_output_path(args.out_dir, path.stem)
+                _write_result(result, report, out)
+                if args.report_dir:
+                    _write_text(args.report_dir / f"{out.stem}.json", report.to_json())
+                print(f"ok     {path.name} -> {out.name}: {_summary_line(report)}", flush=True)
+            except LoraXError as err:
+                bar.close()
+                failures.append((path.name, str(err)))
+                print(f"FAILED {path.name}: {err}", flush=True)
+            except Exception as err:   # a bug on one file must not cost the user the rest of the folder
+                bar.close()
+                failures.append((path.name, f"unexpected {type(err).__name__}: {err}"))
+                print(f"FAILED {path.name}: unexpected {type(err).__name__}: {err}", flush=True)
+    finally:
+        source.close()
+        target.close()
+    print(f"batch: {len(files) - len(failures)} of {len(files)} converted, {len(failures)} failed, "
+          f"{time.perf_counter() - start:.1f} s")
+    for name, err in failures:
+        print(f"  {name}: {err}")
+    return 1 if failures else 0

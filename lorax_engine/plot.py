@@ -1,0 +1,119 @@
+"""Similarity plot (Pillow + numpy only): per source layer, its candidates' normalised scores, grouped by block.
+
+Groups follow the vocabulary users know: text encoder, input_blocks, middle_block, output_blocks (and
+"other" UNet weights). Each source layer is one column: small grey dots for every candidate, a larger
+marker for the best one (green: applied, red: dropped, blue: no verdict yet, as in a bare similarity
+map), a grey cross at the bottom for layers with no candidate. Dashed lines mark chance (normalised score
+0) and the threshold. :func:`plot_similarity` returns the picture as a float array ``(H, W, 3)`` in
+``[0, 1]`` (what a ComfyUI IMAGE holds per batch item) and writes a PNG when given a path.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+GROUPS = (("text encoder", ("clip_l", "clip_g")), ("input_blocks", ("input",)), ("middle_block", ("middle",)),
+          ("output_blocks", ("output",)), ("other", ("unet", "other")))
+BG, AXIS, GRID, TEXT = (255, 255, 255), (60, 60, 60), (225, 225, 225), (30, 30, 30)
+SHADE = (244, 246, 250)
+APPLIED, DROPPED, UNDECIDED, CAND = (34, 150, 60), (205, 45, 45), (40, 90, 200), (150, 150, 150)
+THRESH, CHANCE = (230, 130, 0), (120, 120, 120)
+
+
+def _group(side: str) -> int:
+    for i, (_, sides) in enumerate(GROUPS):
+        if side in sides:
+            return i
+    return len(GROUPS) - 1
+
+
+def _dashed(draw, x0, x1, y, color, dash=6):
+    for x in range(int(x0), int(x1), 2 * dash):
+        draw.line([(x, y), (min(x + dash, x1), y)], fill=color, width=1)
+
+
+def plot_similarity(rows: list[dict], threshold: float | None = None, title: str = "", path=None,
+                    height: int = 420) -> np.ndarray:
+    """Draw ``rows`` (``Report.plot_rows()`` or ``SubspaceMap.plot_rows()``); returns float RGB ``(H, W, 3)``."""
+    rows = sorted(rows, key=lambda r: _group(r["side"]))
+    font = ImageFont.load_default()
+    left, right, top, bottom = 56, 16, 44, 34
+    col = max(3, min(14, 1100 // max(len(rows), 1)))
+    width = left + right + max(len(rows), 1) * col
+    width = max(width, 480)
+    col = (width - left - right) / max(len(rows), 1)
+    img = Image.new("RGB", (width, height), BG)
+    draw = ImageDraw.Draw(img)
+
+    scores = [s for r in rows for s in r["scores"]]
+    lo = min([-0.1, *scores, *([threshold] if threshold is not None and math.isfinite(threshold) else [])])
+    hi = 1.05
+    plot_h = height - top - bottom
+
+    def y_of(v):
+        return top + (hi - v) / (hi - lo) * plot_h
+
+    # block shading and group separators
+    prev_block, shade, prev_group, group_start = None, False, None, 0
+    for i, r in enumerate(rows + [None]):
+        g = _group(r["side"]) if r else None
+        if r is None or g != prev_group:
+            if prev_group is not None:
+                x0, x1 = left + group_start * col, left + i * col
+                draw.text(((x0 + x1) / 2 - 4 * len(GROUPS[prev_group][0]) / 1.3, top - 14), GROUPS[prev_group][0],
+                          fill=TEXT, font=font)
+                if r is not None:
+                    draw.line([(x1, top), (x1, top + plot_h)], fill=AXIS, width=1)
+            prev_group, group_start = g, i
+        if r is None:
+            break
+        if r["block"] != prev_block:
+            shade, prev_block = not shade, r["block"]
+        if shade:
+            draw.rectangle([left + i * col, top, left + (i + 1) * col, top + plot_h], fill=SHADE)
+
+    # axes and grid
+    for v in np.arange(math.ceil(lo * 4) / 4, hi, 0.25):
+        y = y_of(v)
+        draw.line([(left, y), (width - right, y)], fill=GRID, width=1)
+        draw.text((6, y - 6), f"{v:5.2f}", fill=TEXT, font=font)
+    draw.line([(left, top), (left, top + plot_h)], fill=AXIS, width=1)
+    draw.line([(left, top + plot_h), (width - right, top + plot_h)], fill=AXIS, width=1)
+    _dashed(draw, left, width - right, y_of(0.0), CHANCE)
+    draw.text((width - right - 44, y_of(0.0) - 12), "chance", fill=CHANCE, font=font)
+    if threshold is not None and math.isfinite(threshold):
+        _dashed(draw, left, width - right, y_of(threshold), THRESH)
+        draw.text((left + 4, y_of(threshold) - 12), f"threshold {threshold:g}", fill=THRESH, font=font)
+
+    # points
+    rad = max(1.5, min(4.0, col / 2.5))
+    for i, r in enumerate(rows):
+        x = left + (i + 0.5) * col
+        for s in r["scores"]:
+            y = y_of(s)
+            draw.ellipse([x - 1, y - 1, x + 1, y + 1], fill=CAND)
+        if r["best"] is None:
+            y = top + plot_h - 6
+            draw.line([(x - rad, y - rad), (x + rad, y + rad)], fill=CAND, width=1)
+            draw.line([(x - rad, y + rad), (x + rad, y - rad)], fill=CAND, width=1)
+            continue
+        color = UNDECIDED if r.get("applied") is None else (APPLIED if r["applied"] else DROPPED)
+        y = y_of(r["best"])
+        draw.ellipse([x - rad, y - rad, x + rad, y + rad], fill=color)
+
+    draw.text((left, 6), title or "normalised subspace similarity per source layer (best candidate)", fill=TEXT,
+              font=font)
+    legend = [("applied", APPLIED), ("dropped", DROPPED), ("candidates", CAND)]
+    x = width - right - 240
+    for name, color in legend:
+        draw.ellipse([x, height - 20, x + 8, height - 12], fill=color)
+        draw.text((x + 12, height - 22), name, fill=TEXT, font=font)
+        x += 80
+    draw.text((left, height - 22), "normalised score: 0 = chance, 1 = same subspace", fill=TEXT, font=font)
+
+    if path is not None:
+        img.save(Path(path), format="PNG")
+    return np.asarray(img, dtype=np.float32) / 255.0

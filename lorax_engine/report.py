@@ -1,0 +1,183 @@
+"""What a transfer did, layer by layer: similarities, energy kept, applied or why not; as JSON and as a table.
+
+Every source layer of the LoRA gets a :class:`LayerRecord` with every target layer considered for it
+(:class:`CandidateRecord`: raw phi_U / phi_V, chance levels, normalised scores, energy kept, applied or
+the reason not). ``energy_kept`` of a candidate is the fraction of ``||ΔW||_F^2`` its projection keeps
+(before strength); a layer's is the mean over the targets it was applied to (0 when dropped), and the
+summary's is the ΔW-energy-weighted mean over all source layers.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class CandidateRecord:
+    target_key: str
+    compat: str                      # "same" | "squeeze" | "embed"
+    similarity: dict | None          # similarity.similarity_dict(); None in direct mode
+    energy_kept: float | None        # None when not computed
+    applied: bool = False
+    strength: float = 0.0
+    reason: str | None = None
+
+
+@dataclass
+class LayerRecord:
+    source_key: str
+    stage: str
+    block: str
+    role: str
+    source_shape: list[int]
+    lora_rank: int
+    energy: float                    # ||ΔW||_F^2 of the source layer
+    candidates: list[CandidateRecord] = field(default_factory=list)
+    applied: bool = False
+    reason: str | None = None        # why nothing was applied
+    energy_kept: float = 0.0
+
+    @property
+    def best(self) -> CandidateRecord | None:
+        scored = [c for c in self.candidates if c.similarity is not None]
+        if not scored:
+            return self.candidates[0] if self.candidates else None
+        return max(scored, key=lambda c: (c.applied, c.similarity["score"]))
+
+
+@dataclass
+class TargetRecord:
+    target_key: str
+    rank: int
+    sources: list[str]
+    cap_energy_kept: float = 1.0     # fraction kept by the output rank cap (1.0: no cap applied)
+
+
+@dataclass
+class Report:
+    source_model: str
+    target_model: str
+    source_architecture: str
+    target_architecture: str
+    mode: str
+    options: dict
+    layers: list[LayerRecord] = field(default_factory=list)
+    targets: list[TargetRecord] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+    cache: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    # -- summary ----------------------------------------------------------------------------------
+    def summary(self) -> dict:
+        dropped: dict[str, int] = {}
+        for layer in self.layers:
+            if not layer.applied:
+                dropped[layer.reason or "unknown"] = dropped.get(layer.reason or "unknown", 0) + 1
+        total = sum(layer.energy for layer in self.layers)
+        kept = sum(layer.energy * layer.energy_kept for layer in self.layers)
+        return {
+            "source_layers": len(self.layers),
+            "applied": sum(layer.applied for layer in self.layers),
+            "dropped": sum(dropped.values()),
+            "dropped_by_reason": dict(sorted(dropped.items())),
+            "target_layers_written": len(self.targets),
+            "energy_kept": kept / total if total > 0 else 0.0,
+            "seconds": round(sum(v for k, v in self.seconds.items() if k in ("similarity", "projection")), 3),
+        }
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["summary"] = self.summary()
+        return out
+
+    def to_json(self, path=None) -> str:
+        text = json.dumps(self.to_dict(), indent=1)
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Report":
+        data = {k: v for k, v in data.items() if k != "summary"}
+        layers = []
+        for layer in data.pop("layers", []):
+            cands = [CandidateRecord(**c) for c in layer.pop("candidates", [])]
+            layers.append(LayerRecord(**layer, candidates=cands))
+        targets = [TargetRecord(**t) for t in data.pop("targets", [])]
+        return cls(**data, layers=layers, targets=targets)
+
+    def plot_rows(self) -> list[dict]:
+        """Per source layer: block grouping, candidate scores and the verdict (for plot.py)."""
+        rows = []
+        for layer in self.layers:
+            scores = [c.similarity["score"] for c in layer.candidates if c.similarity is not None]
+            rows.append({"key": layer.source_key, "side": layer.stage.split("@")[0], "block": layer.block,
+                         "stage": layer.stage, "scores": scores, "best": max(scores) if scores else None,
+                         "applied": layer.applied})
+        return rows
+
+    def metadata(self) -> dict[str, str]:
+        """Provenance for the output file's safetensors metadata (namespaced ``lorax.``)."""
+        s = self.summary()
+        meta = {
+            "lorax.method": "LoRA-X subspace projection (arXiv 2501.16559)" if self.mode != "direct"
+                            else "direct copy (baseline, no projection)",
+            "lorax.mode": self.mode,
+            "lorax.source_model": self.source_model,
+            "lorax.target_model": self.target_model,
+            "lorax.layers_applied": str(s["applied"]),
+            "lorax.layers_dropped": str(s["dropped"]),
+            "lorax.dropped_by_reason": json.dumps(s["dropped_by_reason"]),
+            "lorax.energy_kept": f"{s['energy_kept']:.4f}",
+        }
+        for k in ("rank", "method", "policy", "threshold", "output_rank"):
+            if k in self.options:
+                meta[f"lorax.{k}"] = str(self.options[k])
+        return meta
+
+    # -- table ------------------------------------------------------------------------------------
+    def format_table(self, candidates: bool = False) -> str:
+        """A readable table: one row per source layer (``candidates=True``: and one per target considered)."""
+        head = f"{'source layer':58} {'stage':11} {'target (best)':58} {'phiU':>6} {'phiV':>6} " \
+               f"{'score':>7} {'energy':>6}  result"
+        lines = [f"LoRA-X {self.mode}: {self.source_model} ({self.source_architecture}) -> "
+                 f"{self.target_model} ({self.target_architecture})", head, "-" * len(head)]
+        for layer in self.layers:
+            best = layer.best
+            lines.append(self._row(_short(layer.source_key), layer.stage, best,
+                                   "applied" if layer.applied else f"dropped: {layer.reason}",
+                                   layer.energy_kept if layer.applied else None))
+            if candidates:
+                for c in layer.candidates:
+                    status = f"applied x{c.strength:.3g}" if c.applied else (c.reason or "")
+                    lines.append(self._row("", "", c, status, c.energy_kept, indent=True))
+        s = self.summary()
+        lines.append("-" * len(head))
+        reasons = ", ".join(f"{n} {r}" for r, n in s["dropped_by_reason"].items()) or "none"
+        lines.append(f"{s['applied']} of {s['source_layers']} source layers applied to {s['target_layers_written']} "
+                     f"target layers; dropped: {reasons}; energy kept {100 * s['energy_kept']:.1f}%; "
+                     f"{s['seconds']:.1f} s")
+        lines.extend(self.notes)
+        return "\n".join(lines)
+
+    @staticmethod
+    def _row(source, stage, cand, status, energy, indent=False):
+        target = ("  " if indent else "") + (_short(cand.target_key) if cand else "-")
+        sim = cand.similarity if cand else None
+        f = (lambda x: f"{x:6.3f}") if sim else (lambda x: f"{'-':>6}")
+        phi_u = f(sim["phi_u"]) if sim else f(0)
+        phi_v = f(sim["phi_v"]) if sim else f(0)
+        score = f"{sim['score']:7.3f}" if sim else f"{'-':>7}"
+        en = f"{energy:6.3f}" if energy is not None else f"{'-':>6}"
+        return f"{source:58} {stage:11} {target:58} {phi_u} {phi_v} {score} {en}  {status}"
+
+
+def _short(key: str) -> str:
+    for prefix in ("diffusion_model.", "clip_l.transformer.text_model.encoder.",
+                   "clip_g.transformer.text_model.encoder."):
+        if key.startswith(prefix):
+            key = ("" if prefix == "diffusion_model." else prefix.split(".")[0] + ".") + key[len(prefix):]
+            break
+    key = key.removesuffix(".weight").replace("transformer_blocks.", "tb.")
+    return key if len(key) <= 58 else "…" + key[-57:]

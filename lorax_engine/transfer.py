@@ -1,0 +1,421 @@
+"""LoRA-X transfer: similarity map of two base models, then projection of a LoRA through it (METHOD.md).
+
+Two steps, callable separately (the ComfyUI nodes do) or together (:func:`transfer`):
+
+1. :func:`compute_similarity_map` finds every source layer's candidate target layers (matching.py) and
+   scores each pair (similarity.py) from the top-r subspaces of both weights. Work runs stage by stage
+   (side, width): the stage's source bases are held, the target candidates stream through one at a
+   time, so memory stays at one stage plus the cache's LRU budget.
+2. :func:`project` applies the matching policy and threshold and projects each chosen pair on the
+   factors (projection.py), combining several updates of one target weight.
+
+``method="fast"`` (default) scores candidates with randomised bases and projects with exact ones: the
+randomised bases are accurate to < 0.01 on similarities but not on projections (see subspaces.py), and
+only the chosen targets need exact ones. ``method="exact"`` uses exact bases for both.
+
+Long loops call ``progress(done, total)`` and ``should_stop()`` (which may raise, or return True to
+cancel with :class:`TransferCancelled`).
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field, replace
+from typing import Callable
+
+import torch
+
+from .base_weights import tensor_fingerprint
+from .errors import IncompatibleLoraError, LoraXError, TransferOptionError
+from .lora import LoraLayer, LoraModel
+from .matching import (DEFAULT_POLICY, DEFAULT_THRESHOLD, DROP_BELOW_THRESHOLD, DROP_NOT_IN_SOURCE,
+                       KNOWN_ROLES, Candidates, LayerRef, TargetIndex, check_policy, parse_key, select)
+from .projection import (DEFAULT_MODE, check_mode, combine, compress, energy_fraction, project_direct,
+                         project_null, project_subspace, projected_energy)
+from .report import CandidateRecord, LayerRecord, Report, TargetRecord
+from .similarity import LayerSimilarity, PairStore, layer_similarity, similarity_dict
+from .subspaces import ALGORITHM_VERSION, DEFAULT_RANK, CacheStats, SubspaceCache, SubspaceSpec, matrix_shape
+
+TRANSFER_METHODS = ("fast", "exact")
+
+Progress = Callable[[int, int], None] | None
+ShouldStop = Callable[[], bool] | None
+
+
+class TransferCancelled(LoraXError):
+    """The caller's ``should_stop`` hook asked to stop."""
+
+
+@dataclass(frozen=True)
+class TransferOptions:
+    """Every choice of the method, with its default. See METHOD.md and the module docstrings."""
+
+    rank: int = DEFAULT_RANK             # r of the subspaces (the paper's 320)
+    method: str = "fast"                 # "fast": randomised bases to score, exact to project; "exact"
+    threshold: float = DEFAULT_THRESHOLD  # on the normalised score; -inf applies every candidate
+    policy: str = DEFAULT_POLICY         # "best" | "all-above-threshold" | "spread"
+    mode: str = DEFAULT_MODE             # "subspace" | "subspace+null" | "direct" (baseline)
+    output_rank: int | None = None       # cap: truncated SVD of each output layer on its factors
+    device: str = "cpu"                  # where bases are computed ("cuda" when available)
+    oversample: int = 96                 # randomised bases: extra sketch columns
+    power_iters: int = 1                 # randomised bases: subspace iterations
+    seed: int = 0                        # randomised bases: sketch seed
+
+    def __post_init__(self):
+        if self.method not in TRANSFER_METHODS:
+            raise TransferOptionError(f"method must be one of {', '.join(TRANSFER_METHODS)}, got {self.method!r}")
+        check_policy(self.policy, self.threshold)
+        check_mode(self.mode)
+        if self.output_rank is not None and (not isinstance(self.output_rank, int) or self.output_rank < 1):
+            raise TransferOptionError(f"output rank must be a positive integer or None, got {self.output_rank!r}")
+        if not str(self.device).startswith(("cpu", "cuda")):
+            raise TransferOptionError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
+        if str(self.device).startswith("cuda") and not torch.cuda.is_available():
+            raise TransferOptionError("device 'cuda' was asked for but torch sees no CUDA device")
+        self.screening_spec()   # validates rank and sketch parameters
+
+    def screening_spec(self) -> SubspaceSpec:
+        if self.method == "exact":
+            return SubspaceSpec(self.rank, "exact")
+        return SubspaceSpec(self.rank, "randomized", self.oversample, self.power_iters, self.seed)
+
+    def projection_spec(self) -> SubspaceSpec:
+        return SubspaceSpec(self.rank, "exact")
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["threshold"] = self.threshold if math.isfinite(self.threshold) else str(self.threshold)
+        return d
+
+
+def _ticker(progress: Progress, should_stop: ShouldStop, total: int, offset: int = 0, grand_total: int | None = None):
+    """A callable advancing progress by one step and honouring the stop hook."""
+    state = {"done": 0}
+    grand = grand_total if grand_total is not None else total
+
+    def tick(step: int = 1):
+        if should_stop is not None and should_stop():
+            raise TransferCancelled("transfer cancelled")
+        state["done"] += step
+        if progress is not None:
+            progress(min(offset + state["done"], grand), grand)
+
+    if progress is not None:
+        progress(offset, grand)
+    return tick
+
+
+# --------------------------------------------------------------------------------------------- the map
+
+@dataclass
+class MapEntry:
+    candidates: Candidates
+    similarities: dict[str, LayerSimilarity] = field(default_factory=dict)   # target key -> similarity
+    energy_layer: str | None = None                                         # fingerprint of the LoRA layer
+    energies: dict[str, float] = field(default_factory=dict)                # target key -> energy kept
+
+
+def layer_fingerprint(layer: LoraLayer) -> str:
+    return f"{tensor_fingerprint(layer.up)}|{tensor_fingerprint(layer.down)}|{float(layer.alpha)!r}"
+
+
+@dataclass
+class SubspaceMap:
+    """Scores of every (source layer, candidate target layer) pair, plus what is needed to project.
+
+    Holds the two weight providers and the cache, so :func:`project` can fetch exact bases later.
+    """
+
+    source: object
+    target: object
+    cache: SubspaceCache
+    options: TransferOptions
+    index: TargetIndex
+    entries: dict[str, MapEntry] = field(default_factory=dict)
+    seconds: float = 0.0
+    cache_stats: dict = field(default_factory=dict)
+    steps: int = 0                 # progress steps reported while scoring
+
+    def refs(self) -> list[LayerRef]:
+        return sorted((e.candidates.source for e in self.entries.values()), key=lambda r: (r.order, r.key))
+
+    def plot_rows(self) -> list[dict]:
+        """Per source layer: block grouping and candidate scores (for plot.py)."""
+        rows = []
+        for ref in self.refs():
+            entry = self.entries[ref.key]
+            scores = [s.score for s in entry.similarities.values()]
+            rows.append({"key": ref.key, "side": ref.side, "block": ref.block, "stage": entry.candidates.stage,
+                         "scores": scores, "best": max(scores) if scores else None, "applied": None})
+        return rows
+
+    def to_dict(self) -> dict:
+        layers = []
+        for ref in self.refs():
+            entry = self.entries[ref.key]
+            cands = []
+            for tkey, compat in entry.candidates.targets:
+                sim = entry.similarities.get(tkey)
+                cands.append({"target_key": tkey, "compat": compat,
+                              "similarity": similarity_dict(sim) if sim else None})
+            layers.append({"source_key": ref.key, "stage": entry.candidates.stage, "block": ref.block,
+                           "role": ref.role, "reason": entry.candidates.reason, "candidates": cands})
+        return {"source_model": self.source.name, "target_model": self.target.name,
+                "source_architecture": self.source.architecture, "target_architecture": self.target.architecture,
+                "options": self.options.as_dict(), "seconds": self.seconds, "cache": self.cache_stats,
+                "layers": layers}
+
+
+def default_source_keys(source) -> list[str]:
+    """Every source weight of a role the method is specified for (METHOD §4): what a LoRA may touch."""
+    keys = []
+    for key in source.keys():
+        ref = parse_key(key)
+        if ref is not None and ref.role in KNOWN_ROLES and len(source.shape(key)) in (2, 4):
+            keys.append(key)
+    return keys
+
+
+def _stats_delta(before: CacheStats, after: CacheStats) -> dict:
+    a, b = after.as_dict(), before.as_dict()
+    return {k: round(a[k] - b[k], 3) if isinstance(a[k], float) else a[k] - b[k] for k in a}
+
+
+def _plan_entries(smap: SubspaceMap, keys, lora: LoraModel | None):
+    direct = smap.options.mode == "direct"
+    for key in keys:
+        fits = key in smap.source
+        if fits and lora is not None:
+            layer = lora.layers[key]
+            fits = matrix_shape(smap.source.shape(key)) == (layer.up.shape[0], math.prod(layer.down.shape[1:]))
+        if not fits:
+            ref = parse_key(key) or LayerRef(key, "other", "other", (99,), None, key)
+            smap.entries[key] = MapEntry(Candidates(ref, tuple(lora.layers[key].weight_shape) if lora else (),
+                                                    "other", reason=DROP_NOT_IN_SOURCE))
+            continue
+        shape = smap.source.shape(key)
+        cands = smap.index.direct(key, shape) if direct else smap.index.candidates(key, shape)
+        smap.entries[key] = MapEntry(cands)
+
+
+def _score(smap: SubspaceMap, keys: list[str], lora: LoraModel | None, progress: Progress,
+           should_stop: ShouldStop, offset: int = 0, extra_total: int = 0):
+    """Similarities (and, with a LoRA, screening energies) for ``keys``, stage by stage."""
+    spec = smap.options.screening_spec()
+    spec_id = f"v{ALGORITHM_VERSION}|{spec.describe()}"
+    store = PairStore(smap.cache.directory)
+    source, target, cache = smap.source, smap.target, smap.cache
+
+    stages: dict[tuple, list[str]] = {}
+    for key in keys:
+        entry = smap.entries[key]
+        if entry.candidates.targets:
+            ref = entry.candidates.source
+            stages.setdefault((ref.order[0], entry.candidates.stage), []).append(key)
+
+    plans = []     # (source keys needing bases, {target: [sources needing the pair]}, {target: [sources]})
+    total = 0
+    for stage in sorted(stages):
+        need_pair: dict[str, list[str]] = {}
+        by_target: dict[str, list[str]] = {}
+        for s in stages[stage]:
+            entry = smap.entries[s]
+            fp_s = source.fingerprint(s)
+            lfp = layer_fingerprint(lora.layers[s]) if lora is not None else None
+            if lfp is not None and entry.energy_layer != lfp:
+                entry.energy_layer, entry.energies = lfp, {}
+            for t, _ in entry.candidates.targets:
+                if t not in entry.similarities:
+                    sim = store.get(fp_s, target.fingerprint(t), spec_id)
+                    if sim is None:
+                        need_pair.setdefault(t, []).append(s)
+                    else:
+                        entry.similarities[t] = sim
+                if t in need_pair and s in need_pair[t] or (lfp is not None and t not in entry.energies):
+                    by_target.setdefault(t, []).append(s)
+        sources_needed = sorted({s for ss in need_pair.values() for s in ss})
+        plans.append((sources_needed, need_pair, by_target))
+        total += len(sources_needed) + len(by_target)
+
+    tick = _ticker(progress, should_stop, total, offset, offset + total + extra_total)
+    for sources_needed, need_pair, by_target in plans:
+        src_bases = {}
+        for s in sources_needed:
+            src_bases[s] = cache.get(source, s, spec, smap.options.device)
+            tick()
+        for t in sorted(by_target, key=lambda k: parse_key(k).order):
+            basis_t = cache.get(target, t, spec, smap.options.device)
+            for s in by_target[t]:
+                entry = smap.entries[s]
+                if s in need_pair.get(t, ()):
+                    sim = layer_similarity(src_bases[s], basis_t)
+                    entry.similarities[t] = sim
+                    store.put(source.fingerprint(s), target.fingerprint(t), spec_id, sim)
+                if lora is not None and t not in entry.energies:
+                    entry.energies[t] = projected_energy(lora.layers[s], basis_t)
+            del basis_t
+            tick()
+        del src_bases
+    store.flush()
+    for provider in (source, target):
+        flush = getattr(provider, "flush", None)
+        if flush is not None:
+            flush()
+    return total
+
+
+def compute_similarity_map(source, target, options: TransferOptions | None = None, *, lora: LoraModel | None = None,
+                           source_keys=None, cache: SubspaceCache | None = None, progress: Progress = None,
+                           should_stop: ShouldStop = None, _extra_total: int = 0) -> SubspaceMap:
+    """Score every candidate pair for the LoRA's layers (``lora``), the given ``source_keys``, or every
+    source layer of a known role. With ``lora``, each candidate's energy kept is recorded too."""
+    options = options or TransferOptions()
+    t0 = time.perf_counter()
+    cache = cache if cache is not None else SubspaceCache()
+    before = replace(cache.stats)
+    smap = SubspaceMap(source, target, cache, options, TargetIndex(target))
+    if lora is not None:
+        keys = sorted(lora.layers)
+    else:
+        keys = list(source_keys) if source_keys is not None else default_source_keys(source)
+    _plan_entries(smap, keys, lora)
+    if lora is not None and keys and all(smap.entries[k].candidates.reason == DROP_NOT_IN_SOURCE for k in keys):
+        where = f" ({lora.source_path})" if lora.source_path else ""
+        raise IncompatibleLoraError(
+            f"LoRA{where} does not fit the source model {source.name}: none of its {len(keys)} layers exists there "
+            f"with the same shape (LoRA architecture {lora.architecture!r}, source model {source.architecture!r}); "
+            "the source model must be the one the LoRA was trained on")
+    if options.mode != "direct":
+        smap.steps = _score(smap, keys, lora, progress, should_stop, extra_total=_extra_total)
+    smap.seconds = time.perf_counter() - t0
+    smap.cache_stats = _stats_delta(before, cache.stats)
+    return smap
+
+
+# --------------------------------------------------------------------------------------------- projection
+
+def _output_architecture(arch: str) -> str:
+    # SSD-1B and Vega load SDXL LoRAs (their blocks are a subset of SDXL's)
+    return "sdxl" if arch in ("sdxl", "ssd1b", "vega") else ("sd1" if arch == "sd1" else "unknown")
+
+
+_STALE_METADATA = ("ss_base_model_version", "ss_network_dim", "ss_network_alpha", "ss_network_module",
+                   "ss_network_args", "modelspec.", "lorax.")
+
+
+def project(lora: LoraModel, subspace_map: SubspaceMap, options: TransferOptions | None = None, *,
+            progress: Progress = None, should_stop: ShouldStop = None, _offset: int = 0) -> tuple[LoraModel, Report]:
+    """Select targets (policy, threshold) and project ``lora`` through ``subspace_map``.
+
+    ``options`` may change policy, threshold, mode and output rank; rank, method and device are the map's.
+    Layers of the LoRA the map has not scored yet are scored now.
+    """
+    smap = subspace_map
+    opts = smap.options if options is None else replace(
+        options, rank=smap.options.rank, method=smap.options.method, device=smap.options.device,
+        oversample=smap.options.oversample, power_iters=smap.options.power_iters, seed=smap.options.seed)
+    t0 = time.perf_counter()
+    before = replace(smap.cache.stats)
+    source, target, cache = smap.source, smap.target, smap.cache
+    if opts.mode != smap.options.mode and "direct" in (opts.mode, smap.options.mode):
+        # direct matches by name, the others by similarity: re-plan every layer for the new mode
+        smap = replace(smap, options=opts, entries={})
+    missing = [k for k in lora.layers if k not in smap.entries]
+    if missing:
+        _plan_entries(smap, missing, lora)
+    if opts.mode != "direct":
+        rescore = [k for k in lora.layers if smap.entries[k].candidates.targets and (
+            k in missing or len(smap.entries[k].similarities) < len(smap.entries[k].candidates.targets))]
+        if rescore:
+            _score(smap, rescore, None, None, should_stop)
+
+    keys = sorted(lora.layers, key=lambda k: (smap.entries[k].candidates.source.order, k))
+    records: dict[str, LayerRecord] = {}
+    cand_records: dict[tuple[str, str], CandidateRecord] = {}
+    assignments: dict[str, list[tuple[str, float]]] = {}
+    for key in keys:
+        entry, layer = smap.entries[key], lora.layers[key]
+        cands = entry.candidates
+        rec = LayerRecord(key, cands.stage, cands.source.block, cands.source.role, list(layer.weight_shape),
+                          layer.rank, layer.energy())
+        records[key] = rec
+        if cands.reason:
+            rec.reason = cands.reason
+            continue
+        if opts.mode == "direct":
+            chosen, reasons = {cands.targets[0][0]: 1.0}, {}
+        else:
+            scored = [(t, entry.similarities[t].score) for t, _ in cands.targets]
+            chosen, reasons = select(key, scored, opts.policy, opts.threshold)
+        lfp = entry.energy_layer
+        known = entry.energies if lfp is not None and lfp == layer_fingerprint(layer) else {}
+        for t, compat in cands.targets:
+            sim = entry.similarities.get(t)
+            c = CandidateRecord(t, compat, similarity_dict(sim) if sim else None, known.get(t),
+                                t in chosen, chosen.get(t, 0.0), reasons.get(t))
+            rec.candidates.append(c)
+            cand_records[(key, t)] = c
+        if chosen:
+            rec.applied = True
+            for t, strength in chosen.items():
+                assignments.setdefault(t, []).append((key, strength))
+        else:
+            rec.reason = DROP_BELOW_THRESHOLD
+
+    proj_spec = opts.projection_spec()
+    out_layers: dict[str, LoraLayer] = {}
+    targets: list[TargetRecord] = []
+    tick = _ticker(progress, should_stop, len(assignments), _offset, _offset + len(assignments))
+    for t in sorted(assignments, key=lambda k: (parse_key(k).order, k)):
+        shape = tuple(target.shape(t))
+        basis_t = cache.get(target, t, proj_spec, opts.device) if opts.mode != "direct" else None
+        parts = []
+        for s, strength in assignments[t]:
+            layer = lora.layers[s]
+            if opts.mode == "direct":
+                out = project_direct(layer, shape)
+            elif opts.mode == "subspace":
+                out = project_subspace(layer, basis_t, shape)
+            else:
+                out = project_null(layer, cache.get(source, s, proj_spec, opts.device), basis_t, shape)
+            cand_records[(s, t)].energy_kept = energy_fraction(layer, out)
+            parts.append((out, strength))
+        combined = combine(parts, shape)
+        cap_kept = 1.0
+        if opts.output_rank is not None and combined.rank > opts.output_rank:
+            combined, cap_kept = compress(combined, max_rank=opts.output_rank)
+        out_layers[t] = combined
+        targets.append(TargetRecord(t, combined.rank, [s for s, _ in assignments[t]], cap_kept))
+        tick()
+
+    for rec in records.values():
+        applied = [c.energy_kept for c in rec.candidates if c.applied and c.energy_kept is not None]
+        rec.energy_kept = sum(applied) / len(applied) if applied else 0.0
+
+    seconds = {"similarity": round(smap.seconds, 3), "projection": round(time.perf_counter() - t0, 3)}
+    cache_stats = {"similarity": smap.cache_stats, "projection": _stats_delta(before, cache.stats)}
+    mode_label = opts.mode if opts.mode != "direct" else "direct (baseline: name match, no projection)"
+    report = Report(source.name, target.name, source.architecture, target.architecture, mode_label,
+                    opts.as_dict(), list(records.values()), targets, seconds, cache_stats)
+    if any(c.compat == "embed" and c.applied for r in report.layers for c in r.candidates):
+        report.notes.append("note: cross-attention k/v were embedded into the CLIP-L slot of the wider context "
+                            "(METHOD §3); SD1.5 conditions on CLIP-L's last layer, SDXL on its penultimate one.")
+    if opts.mode == "direct":
+        report.notes.append("note: direct mode is the baseline a stock loader applies; it does not project.")
+
+    metadata = {k: v for k, v in lora.metadata.items() if not k.startswith(_STALE_METADATA)}
+    metadata.update(report.metadata())
+    result = LoraModel(out_layers, _output_architecture(target.architecture), "lorax-transfer", metadata,
+                       None, (), [*lora.notes, *report.notes])
+    return result, report
+
+
+def transfer(lora: LoraModel, source, target, options: TransferOptions | None = None, *,
+             cache: SubspaceCache | None = None, progress: Progress = None,
+             should_stop: ShouldStop = None) -> tuple[LoraModel, Report]:
+    """Carry ``lora`` (trained on ``source``) over to ``target``: similarity map, then projection."""
+    options = options or TransferOptions()
+    n = len(lora.layers)
+    smap = compute_similarity_map(source, target, options, lora=lora, cache=cache, progress=progress,
+                                  should_stop=should_stop, _extra_total=n)
+    return project(lora, smap, options, progress=progress, should_stop=should_stop, _offset=smap.steps)

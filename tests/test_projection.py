@@ -1,0 +1,168 @@
+"""Projection on factors (METHOD §2, §3) against dense float64 computations done here, independently."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lorax_engine.errors import TransferOptionError
+from lorax_engine.lora import LoraLayer
+from lorax_engine.projection import (check_mode, combine, compress, embed_down, energy_fraction, project_direct,
+                                     project_null, project_subspace, projected_energy)
+from lorax_engine.subspaces import Basis
+
+
+def _orthonormal(d, r, seed):
+    q, _ = torch.linalg.qr(torch.randn(d, r, generator=torch.Generator().manual_seed(seed), dtype=torch.float64))
+    return q
+
+
+def _basis(m, n, r, seed, full_u=False, full_v=False):
+    u = None if full_u else _orthonormal(m, r, seed).float()
+    v = None if full_v else _orthonormal(n, r, seed + 1).float()
+    return Basis((m, n), u, v, None, "test")
+
+
+def _proj(x, d):
+    """Dense projector of a basis (identity for None) in float64."""
+    return torch.eye(d, dtype=torch.float64) if x is None else x.double() @ x.double().T
+
+
+def _layer(m, n, k=6, alpha=3.0, seed=0, shape=None):
+    g = torch.Generator().manual_seed(seed)
+    return LoraLayer(torch.randn(m, k, generator=g), torch.randn(k, n, generator=g) / math.sqrt(n), alpha,
+                     shape or (m, n))
+
+
+def _delta64(layer):
+    return layer.scale * (layer.up.double() @ layer.down.double())
+
+
+def test_subspace_projection_is_pu_delta_pv_on_factors_with_rank_and_alpha_kept():
+    m, n, r = 96, 80, 20
+    layer = _layer(m, n)
+    basis = _basis(m, n, r, seed=3)
+    out = project_subspace(layer, basis, (m, n))
+    assert out.rank == layer.rank and out.alpha == layer.alpha and out.weight_shape == (m, n)
+    expected_up = basis.u.double() @ (basis.u.double().T @ layer.up.double())
+    expected_down = (layer.down.double() @ basis.v.double()) @ basis.v.double().T
+    torch.testing.assert_close(out.up.double(), expected_up, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.down.double(), expected_down, rtol=1e-5, atol=1e-6)
+    dense = _proj(basis.u, m) @ _delta64(layer) @ _proj(basis.v, n)
+    torch.testing.assert_close(out.delta().double(), dense, rtol=1e-5, atol=1e-7)
+    # energy kept from k x k products equals the dense ratio
+    kept = float(dense.norm() ** 2 / _delta64(layer).norm() ** 2)
+    assert energy_fraction(layer, out) == pytest.approx(kept, rel=1e-5)
+    assert projected_energy(layer, basis) == pytest.approx(kept, rel=1e-5)
+
+
+def test_projection_does_not_depend_on_signs_or_order_of_basis_vectors():
+    m, n, r = 64, 64, 16
+    layer = _layer(m, n)
+    basis = _basis(m, n, r, seed=5)
+    perm = torch.randperm(r, generator=torch.Generator().manual_seed(1))
+    signs = torch.where(torch.rand(r, generator=torch.Generator().manual_seed(2)) > 0.5, 1.0, -1.0)
+    other = Basis((m, n), basis.u[:, perm] * signs, basis.v[:, perm] * signs, None, "test")
+    torch.testing.assert_close(project_subspace(layer, other, (m, n)).delta(),
+                               project_subspace(layer, basis, (m, n)).delta(), rtol=1e-5, atol=1e-6)
+
+
+def test_full_sides_leave_factors_untouched():
+    layer = _layer(40, 40)
+    out = project_subspace(layer, _basis(40, 40, 40, seed=1, full_u=True, full_v=True), (40, 40))
+    assert torch.equal(out.up, layer.up) and torch.equal(out.down, layer.down)
+
+
+def test_cross_attention_down_is_embedded_into_the_clip_l_slot():
+    m, ns, nt, r = 48, 24, 64, 12
+    layer = _layer(m, ns)
+    basis = _basis(m, nt, r, seed=7)
+    out = project_subspace(layer, basis, (m, nt))
+    assert tuple(out.down.shape) == (layer.rank, nt)
+    embedded = torch.zeros(m, nt, dtype=torch.float64)
+    embedded[:, :ns] = _delta64(layer)
+    dense = _proj(basis.u, m) @ embedded @ _proj(basis.v, nt)
+    torch.testing.assert_close(out.delta().double(), dense, rtol=1e-5, atol=1e-7)
+    assert torch.equal(embed_down(layer.down, nt)[:, ns:], torch.zeros(layer.rank, nt - ns))
+
+
+def test_subspace_plus_null_follows_the_prolora_split():
+    m, n, r = 72, 60, 18
+    layer = _layer(m, n, k=5)
+    src, tgt = _basis(m, n, r, seed=11), _basis(m, n, r, seed=21)
+    out = project_null(layer, src, tgt, (m, n))
+    d = _delta64(layer)
+    pus, pvs, put, pvt = _proj(src.u, m), _proj(src.v, n), _proj(tgt.u, m), _proj(tgt.v, n)
+    inside = pus @ d @ pvs
+    expected = put @ inside @ pvt + (torch.eye(m, dtype=torch.float64) - put) @ (d - inside) @ \
+        (torch.eye(n, dtype=torch.float64) - pvt)
+    torch.testing.assert_close(out.delta().double(), expected, rtol=1e-4, atol=1e-6)
+    assert out.rank <= 3 * layer.rank
+    assert out.scale == pytest.approx(1.0)
+
+
+def test_subspace_plus_null_with_equal_bases_keeps_the_block_diagonal_part():
+    m, n, r = 50, 50, 10
+    layer = _layer(m, n, k=4)
+    basis = _basis(m, n, r, seed=4)
+    out = project_null(layer, basis, basis, (m, n))
+    d, p = _delta64(layer), _proj(basis.u, m)
+    q = _proj(basis.v, n)
+    eye = torch.eye(m, dtype=torch.float64)
+    torch.testing.assert_close(out.delta().double(), p @ d @ q + (eye - p) @ d @ (eye - q), rtol=1e-4, atol=1e-6)
+    # the third block of factors vanishes here, and the exact re-compression drops it
+    assert out.rank == 2 * layer.rank
+
+
+def test_subspace_plus_null_embeds_the_source_basis_for_cross_attention():
+    m, ns, nt, r = 40, 16, 48, 8
+    layer = _layer(m, ns, k=3)
+    src, tgt = _basis(m, ns, r, seed=2), _basis(m, nt, r, seed=3)
+    out = project_null(layer, src, tgt, (m, nt))
+    d = torch.zeros(m, nt, dtype=torch.float64)
+    d[:, :ns] = _delta64(layer)
+    pvs = torch.zeros(nt, nt, dtype=torch.float64)
+    pvs[:ns, :ns] = _proj(src.v, ns)
+    pus, put, pvt = _proj(src.u, m), _proj(tgt.u, m), _proj(tgt.v, nt)
+    inside = pus @ d @ pvs
+    expected = put @ inside @ pvt + (torch.eye(m, dtype=torch.float64) - put) @ (d - inside) @ \
+        (torch.eye(nt, dtype=torch.float64) - pvt)
+    torch.testing.assert_close(out.delta().double(), expected, rtol=1e-4, atol=1e-6)
+
+
+def test_compress_is_the_truncated_svd_of_delta():
+    layer = _layer(70, 90, k=12, alpha=5.0)
+    out, kept = compress(layer, max_rank=5)
+    u, s, vh = torch.linalg.svd(_delta64(layer))
+    expected = (u[:, :5] * s[:5]) @ vh[:5]
+    torch.testing.assert_close(out.delta().double(), expected, rtol=1e-4, atol=1e-6)
+    assert out.rank == 5 and out.alpha == 5.0
+    assert kept == pytest.approx(float((s[:5] ** 2).sum() / (s ** 2).sum()), rel=1e-6)
+    # without a cap nothing is lost
+    full, kept_all = compress(layer)
+    torch.testing.assert_close(full.delta(), layer.delta(), rtol=1e-4, atol=1e-6)
+    assert kept_all == pytest.approx(1.0)
+
+
+def test_combine_sums_updates_with_strengths():
+    a, b = _layer(30, 20, k=3, alpha=1.5, seed=1), _layer(30, 20, k=5, alpha=10.0, seed=2)
+    out = combine([(a, 0.25), (b, 0.75)], (30, 20))
+    torch.testing.assert_close(out.delta().double(), 0.25 * _delta64(a) + 0.75 * _delta64(b), rtol=1e-5, atol=1e-7)
+    assert out.rank == 8 and out.alpha == 8.0
+    single = combine([(a, 0.5)], (30, 20, 1, 1))
+    assert single.alpha == a.alpha and single.weight_shape == (30, 20, 1, 1)
+    torch.testing.assert_close(single.delta().double(), 0.5 * _delta64(a), rtol=1e-5, atol=1e-7)
+    assert combine([(a, 1.0)], (30, 20)).up is a.up
+
+
+def test_direct_copies_delta_and_reshapes_conv_1x1_to_linear():
+    layer = _layer(32, 32, shape=(32, 32, 1, 1))
+    out = project_direct(layer, (32, 32))
+    assert out.weight_shape == (32, 32)
+    torch.testing.assert_close(out.delta(), layer.delta())
+
+
+def test_unknown_mode_is_an_option_error():
+    with pytest.raises(TransferOptionError, match="mode must be one of"):
+        check_mode("sideways")

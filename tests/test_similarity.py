@@ -1,0 +1,106 @@
+"""Subspace similarity (METHOD §1, §3) against independent numpy computations, and on zoo weights."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from lorax_engine.similarity import PairStore, layer_similarity, side_similarity
+from lorax_engine.subspaces import Basis, SubspaceSpec, compute_basis
+
+
+def _orth(d, r, seed):
+    q, _ = np.linalg.qr(np.random.default_rng(seed).standard_normal((d, r)))
+    return q
+
+
+def _reference(xs, xt, d):
+    """phi / chance / normalised written out with numpy, bases as arrays (never None here)."""
+    rs, rt = xs.shape[1], xt.shape[1]
+    ds = xs.shape[0]
+    emb = np.zeros((d, rs))
+    emb[:ds] = xs
+    phi = np.linalg.norm(emb.T @ xt) ** 2 / min(rs, rt)
+    chance = max(rs, rt) / d
+    return phi, chance, (phi - chance) / (1 - chance)
+
+
+@pytest.mark.parametrize("d, rs, rt, ds", [(200, 40, 40, 200), (150, 30, 50, 150), (120, 24, 24, 48)])
+def test_side_similarity_matches_the_formula(d, rs, rt, ds):
+    xs, xt = _orth(ds, rs, 1), _orth(d, rt, 2)
+    # make them partly aligned so phi is not just chance
+    xt[:, :10] = _orth(d, 10, 3)
+    xt[:ds, :5] += 3 * xs[:, :5]
+    xt, _ = np.linalg.qr(xt)
+    got = side_similarity(torch.tensor(xs, dtype=torch.float32), torch.tensor(xt, dtype=torch.float32), ds, d)
+    phi, chance, hat = _reference(xs, xt, d)
+    assert got.phi == pytest.approx(phi, abs=1e-5)
+    assert got.chance == pytest.approx(chance)
+    assert got.normalised == pytest.approx(hat, abs=1e-5)
+    assert got.informative
+
+
+def test_identical_subspaces_score_one_and_random_ones_score_chance():
+    x = torch.tensor(_orth(640, 320, 4), dtype=torch.float32)
+    same = side_similarity(x, x, 640, 640)
+    assert same.phi == pytest.approx(1.0, abs=1e-6) and same.normalised == pytest.approx(1.0, abs=1e-6)
+    scores = [side_similarity(x, torch.tensor(_orth(640, 320, s), dtype=torch.float32), 640, 640)
+              for s in range(10, 15)]
+    for s in scores:
+        assert s.phi == pytest.approx(0.5, abs=0.01)          # chance r/m = 0.5 at m = 640
+        assert abs(s.normalised) < 0.02                       # sd ~ sqrt(2)/(m - r) = 0.0044
+
+
+def test_full_dimensional_side_is_defined_as_one_and_flagged():
+    x = torch.tensor(_orth(64, 16, 5), dtype=torch.float32)
+    full = side_similarity(None, x, 64, 64)
+    assert (full.phi, full.chance, full.normalised, full.informative) == (1.0, 1.0, 1.0, False)
+    # an identity source side inside a wider target (768 in 2048): the overlap of the slot, not chance 1
+    xt = torch.tensor(_orth(100, 20, 6), dtype=torch.float32)
+    slot = side_similarity(None, xt, 40, 100)
+    phi, chance, hat = _reference(np.eye(40), xt.numpy().astype(np.float64), 100)
+    assert slot.phi == pytest.approx(phi, abs=1e-5) and slot.chance == pytest.approx(chance)
+    assert slot.normalised == pytest.approx(hat, abs=1e-5)
+
+
+def test_layer_score_is_the_smaller_side_and_cross_attention_is_embedded():
+    g = torch.Generator().manual_seed(0)
+    w_s = torch.randn(64, 24, generator=g)
+    # target: the source in the first 24 input columns plus unrelated columns for the rest
+    w_t = torch.cat([w_s, 0.01 * torch.randn(64, 40, generator=g)], dim=1)
+    bs, bt = compute_basis(w_s, SubspaceSpec(8, "exact")), compute_basis(w_t, SubspaceSpec(8, "exact"))
+    sim = layer_similarity(bs, bt)
+    assert sim.u.normalised > 0.99 and sim.v.normalised > 0.99
+    assert sim.score == min(sim.u.normalised, sim.v.normalised)
+    moved = torch.cat([0.01 * torch.randn(64, 40, generator=g), w_s], dim=1)   # same weights, other slot
+    assert layer_similarity(bs, compute_basis(moved, SubspaceSpec(8, "exact"))).v.normalised < 0.05
+    with pytest.raises(ValueError):
+        layer_similarity(bt, bs)           # a wider source input cannot be embedded
+
+
+def test_zoo_clip_l_is_identical_in_sd15_and_sdxl_and_finetunes_stay_close(zoo):
+    spec = SubspaceSpec(320, "exact")
+    key = "text_model.encoder.layers.5.self_attn.k_proj.weight"
+    a = compute_basis(zoo.weight("sd15", "cond_stage_model.transformer." + key), spec)
+    b = compute_basis(zoo.weight("sdxl", "conditioner.embedders.0.transformer." + key), spec)
+    assert layer_similarity(a, b).score == pytest.approx(1.0, abs=1e-5)
+    unet = "model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_v.weight"
+    base = compute_basis(zoo.weight("sd15", unet), spec)
+    tuned = compute_basis(zoo.weight("sd15_finetune", unet), spec)
+    other = compute_basis(zoo.weight("sdxl", unet.replace("transformer_blocks.0", "transformer_blocks.1")), spec)
+    assert layer_similarity(base, tuned).score > 0.9
+    assert abs(layer_similarity(base, other).score) < 0.02
+
+
+def test_pair_store_round_trips_through_disk_and_ignores_damage(tmp_path):
+    x = torch.tensor(_orth(50, 10, 7), dtype=torch.float32)
+    sim = layer_similarity(Basis((50, 50), x, x, None, "t"), Basis((50, 50), x, None, None, "t"))
+    store = PairStore(tmp_path)
+    store.put("sha256:a", "sha256:b", "spec", sim)
+    store.flush()
+    again = PairStore(tmp_path)
+    assert again.get("sha256:a", "sha256:b", "spec") == sim
+    assert again.get("sha256:a", "sha256:b", "other spec") is None
+    [path] = list((tmp_path / "pairs").rglob("*.json"))
+    path.write_text("{not json")
+    assert PairStore(tmp_path).get("sha256:a", "sha256:b", "spec") is None

@@ -1,0 +1,283 @@
+"""Top-r subspaces (exact and randomised) against float64 SVDs, the content-keyed cache, and the base-weight
+providers (fingerprints, checkpoint layouts)."""
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from lorax_engine.base_weights import CheckpointWeights, StateDictWeights, tensor_fingerprint
+from lorax_engine.errors import LoraFileError, TransferOptionError
+from lorax_engine.safetensors_file import SafetensorsFile
+from lorax_engine.subspaces import SubspaceCache, SubspaceSpec, compute_basis
+from lorax_zoo import spectral_matrix
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def _proj(x, d):
+    return torch.eye(d, dtype=torch.float64) if x is None else x.double() @ x.double().T
+
+
+def _svd_projectors(w, r):
+    u, s, vh = torch.linalg.svd(w.double().reshape(w.shape[0], -1), full_matrices=False)
+    return u[:, :r] @ u[:, :r].T, vh[:r].T @ vh[:r], s[:r]
+
+
+@pytest.mark.parametrize("shape", [(96, 64), (64, 150), (40, 8, 3, 3)])
+def test_exact_basis_matches_float64_svd(shape):
+    m, n = shape[0], math.prod(shape[1:])
+    w = spectral_matrix(m, n, _gen(m + n)).reshape(shape)
+    r = 20
+    basis = compute_basis(w, SubspaceSpec(r, "exact"))
+    assert basis.shape == (m, n) and basis.u.dtype == torch.float32
+    assert tuple(basis.u.shape) == (m, r) and tuple(basis.v.shape) == (n, r)
+    pu, pv, s = _svd_projectors(w, r)
+    torch.testing.assert_close(_proj(basis.u, m), pu, rtol=0, atol=1e-5)
+    torch.testing.assert_close(_proj(basis.v, n), pv, rtol=0, atol=1e-5)
+    torch.testing.assert_close(basis.s.double(), s, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(basis.u.T @ basis.u, torch.eye(r), rtol=0, atol=1e-5)
+
+
+def test_rank_at_least_the_width_gives_identity_and_row_space():
+    w = spectral_matrix(30, 70, _gen(1))
+    wide = compute_basis(w, SubspaceSpec(320, "exact"))
+    assert wide.u is None and tuple(wide.v.shape) == (70, 30) and wide.s is None
+    # P_V keeps W's rows exactly: the row space is all a 30-row weight can span
+    torch.testing.assert_close(_proj(wide.v, 70) @ w.double().T, w.double().T, rtol=0, atol=1e-5)
+    tall = compute_basis(w.T, SubspaceSpec(30, "randomized"))
+    assert tall.v is None and tuple(tall.u.shape) == (70, 30)
+    square = compute_basis(spectral_matrix(25, 25, _gen(2)), SubspaceSpec(25, "exact"))
+    assert square.u is None and square.v is None
+
+
+def test_randomized_basis_accuracy_on_a_decaying_spectrum():
+    """The numbers subspaces.py documents, on a zoo-like 640 x 640 weight (s_i ~ 1/i plus a noise floor)."""
+    w = spectral_matrix(640, 640, _gen(3))
+    r = 320
+    pu, _, _ = _svd_projectors(w, r)
+    b = torch.randn(640, 16, generator=_gen(4), dtype=torch.float64)
+
+    def quality(spec):
+        basis = compute_basis(w, spec)
+        captured = float(torch.trace(_proj(basis.u, 640) @ pu)) / r
+        err = float(((_proj(basis.u, 640) - pu) @ b).norm() / (pu @ b).norm())
+        return captured, err
+
+    default = SubspaceSpec(r, "randomized")
+    captured, err = quality(default)
+    assert 0.93 < captured < 0.999     # near-degenerate directions around index r are partly missed...
+    assert err > 0.05                 # ...which is why projections always use exact bases
+    captured, err = quality(SubspaceSpec(r, "randomized", oversample=160, power_iters=5))
+    assert captured > 0.9999 and err < 1e-2
+    again = compute_basis(w, default)
+    assert torch.equal(again.u, compute_basis(w, default).u)                 # seeded: deterministic
+    assert SubspaceSpec(r, "randomized", oversample=400).effective(640, 640).method == "exact"
+
+
+def test_spec_validation():
+    for bad in ({"rank": 0}, {"method": "svd"}, {"oversample": -1}):
+        with pytest.raises(TransferOptionError):
+            SubspaceSpec(**bad)
+
+
+# --------------------------------------------------------------------------------------------- cache
+
+def _weights(seed=0, shape=(64, 48)):
+    return StateDictWeights({"diffusion_model.x.weight": spectral_matrix(*shape, _gen(seed)).half()},
+                            architecture="sd1", name="t")
+
+
+KEY = "diffusion_model.x.weight"
+SPEC = SubspaceSpec(16, "exact")
+
+
+def _entries(directory):
+    return sorted((directory / "bases").rglob("*.safetensors"))
+
+
+def test_memory_and_disk_hits_return_the_same_basis(tmp_path):
+    weights = _weights()
+    cache = SubspaceCache(tmp_path)
+    first = cache.get(weights, KEY, SPEC)
+    assert cache.get(weights, KEY, SPEC) is first
+    assert (cache.stats.computed, cache.stats.memory_hits) == (1, 1)
+    [entry] = _entries(tmp_path)
+    with SafetensorsFile(entry) as f:          # a plain safetensors file, no pickle
+        assert set(f.keys()) == {"u", "v", "s"}
+        assert KEY not in f.metadata["lorax.cache_key"] and weights.fingerprint(KEY) in f.metadata["lorax.cache_key"]
+    fresh = SubspaceCache(tmp_path)
+    again = fresh.get(weights, KEY, SPEC)
+    assert (fresh.stats.disk_hits, fresh.stats.computed) == (1, 0)
+    assert torch.equal(again.u, first.u) and torch.equal(again.v, first.v)
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_key_follows_content_rank_and_method(tmp_path):
+    cache = SubspaceCache(tmp_path)
+    a = cache.get(_weights(0), KEY, SPEC)
+    b = cache.get(_weights(1), KEY, SPEC)            # same key name, other values
+    assert not torch.allclose(_proj(a.u, 64), _proj(b.u, 64), atol=1e-2)
+    cache.get(_weights(0), KEY, SubspaceSpec(12, "exact"))
+    cache.get(_weights(0), KEY, SubspaceSpec(16, "randomized", oversample=4))
+    assert cache.stats.computed == 4 and len(_entries(tmp_path)) == 4
+    # a weight modified in place is hashed again: no stale basis
+    tensors = {KEY: spectral_matrix(64, 48, _gen(0)).half()}
+    weights = StateDictWeights(tensors, "sd1")
+    before = cache.get(weights, KEY, SPEC)
+    tensors[KEY].mul_(-1).add_(spectral_matrix(64, 48, _gen(9)).half())
+    after = cache.get(weights, KEY, SPEC)
+    assert after is not before and cache.stats.computed == 5
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "nan", "swap"])
+def test_damaged_disk_entries_are_discarded_and_recomputed(tmp_path, damage):
+    weights = _weights()
+    reference = SubspaceCache(tmp_path).get(weights, KEY, SPEC)
+    [entry] = _entries(tmp_path)
+    if damage == "truncate":
+        entry.write_bytes(entry.read_bytes()[:-100])
+    elif damage == "garbage":
+        entry.write_bytes(b"\x00" * 64)
+    elif damage == "nan":
+        with SafetensorsFile(entry) as f:
+            tensors, meta = {k: f.get(k).clone() for k in f.keys()}, dict(f.metadata)
+        tensors["u"][0, 0] = float("nan")
+        save_file(tensors, str(entry), metadata=meta)
+    else:   # an entry of another weight placed under this key's name
+        other = tmp_path / "other"
+        SubspaceCache(other).get(_weights(5), KEY, SPEC)
+        entry.write_bytes(_entries(other)[0].read_bytes())
+    cache = SubspaceCache(tmp_path)
+    basis = cache.get(weights, KEY, SPEC)
+    assert (cache.stats.discarded, cache.stats.computed, cache.stats.disk_hits) == (1, 1, 0)
+    torch.testing.assert_close(basis.u, reference.u)
+    fresh = SubspaceCache(tmp_path)                  # the rewritten entry is good again
+    fresh.get(weights, KEY, SPEC)
+    assert fresh.stats.disk_hits == 1
+
+
+def test_unwritable_cache_directory_costs_only_speed(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    cache = SubspaceCache(blocker / "cache")
+    basis = cache.get(_weights(), KEY, SPEC)
+    assert basis.u is not None and cache.stats.computed == 1
+
+
+def test_memory_lru_is_bounded_in_bytes():
+    w1, w2 = _weights(1), _weights(2)
+    one = compute_basis(w1.matrix(KEY), SPEC).nbytes
+    cache = SubspaceCache(memory_bytes=int(1.5 * one))
+    cache.get(w1, KEY, SPEC)
+    cache.get(w2, KEY, SPEC)                          # evicts w1
+    cache.get(w1, KEY, SPEC)
+    assert (cache.stats.computed, cache.stats.memory_hits) == (3, 0)
+    cache.get(w1, KEY, SPEC)
+    assert cache.stats.memory_hits == 1
+
+
+# --------------------------------------------------------------------------------------------- providers
+
+def test_fingerprint_is_sha256_of_dtype_shape_and_bytes():
+    t = torch.arange(12, dtype=torch.float16).reshape(3, 4)
+    expected = hashlib.sha256(b"torch.float16|(3, 4)|" + t.numpy().tobytes()).hexdigest()
+    assert tensor_fingerprint(t) == "sha256:" + expected
+    assert tensor_fingerprint(t.float()) != tensor_fingerprint(t)
+    assert tensor_fingerprint(t.reshape(4, 3)) != tensor_fingerprint(t)
+
+
+def _write(path, tensors):
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
+    return path
+
+
+def test_sdxl_checkpoint_layout_splits_openclip_in_proj_rows(tmp_path):
+    g = _gen(0)
+    inproj = torch.randn(3 * 8, 8, generator=g).half()
+    tensors = {
+        "model.diffusion_model.input_blocks.4.1.proj_in.weight": torch.randn(6, 6, generator=g).half(),
+        "conditioner.embedders.0.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight":
+            torch.randn(5, 5, generator=g).half(),
+        "conditioner.embedders.1.model.transformer.resblocks.2.attn.in_proj_weight": inproj,
+        "conditioner.embedders.1.model.transformer.resblocks.2.attn.out_proj.weight": torch.randn(8, 8).half(),
+        "conditioner.embedders.1.model.transformer.resblocks.2.mlp.c_fc.weight": torch.randn(32, 8).half(),
+        "conditioner.embedders.1.model.transformer.resblocks.2.mlp.c_proj.weight": torch.randn(8, 32).half(),
+        "first_stage_model.decoder.conv_in.weight": torch.randn(4, 4, 3, 3).half(),
+    }
+    with CheckpointWeights(_write(tmp_path / "xl.safetensors", tensors)) as w:
+        g_layer = "clip_g.transformer.text_model.encoder.layers.2."
+        assert sorted(w.keys()) == sorted([
+            "diffusion_model.input_blocks.4.1.proj_in.weight",
+            "clip_l.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight",
+            *(f"{g_layer}self_attn.{p}_proj.weight" for p in ("q", "k", "v", "out")),
+            f"{g_layer}mlp.fc1.weight", f"{g_layer}mlp.fc2.weight"])
+        for i, p in enumerate("qkv"):
+            key = f"{g_layer}self_attn.{p}_proj.weight"
+            assert w.shape(key) == (8, 8)
+            assert torch.equal(w.matrix(key), inproj[8 * i: 8 * (i + 1)].float())
+            assert w.fingerprint(key) == tensor_fingerprint(inproj[8 * i: 8 * (i + 1)])
+        assert torch.equal(w.matrix(f"{g_layer}mlp.fc1.weight"),
+                           tensors["conditioner.embedders.1.model.transformer.resblocks.2.mlp.c_fc.weight"].float())
+
+
+def test_sd15_unet_only_and_diffusers_layouts(tmp_path):
+    conv = torch.randn(8, 8, 1, 1).half()
+    sd15 = {"model.diffusion_model.input_blocks.4.1.proj_in.weight": conv,
+            "cond_stage_model.transformer.text_model.encoder.layers.3.mlp.fc1.weight": torch.randn(6, 3).half()}
+    with CheckpointWeights(_write(tmp_path / "a.safetensors", sd15)) as w:
+        assert set(w.keys()) == {"diffusion_model.input_blocks.4.1.proj_in.weight",
+                                 "clip_l.transformer.text_model.encoder.layers.3.mlp.fc1.weight"}
+        assert w.shape("diffusion_model.input_blocks.4.1.proj_in.weight") == (8, 8, 1, 1)
+        assert tuple(w.matrix("diffusion_model.input_blocks.4.1.proj_in.weight").shape) == (8, 8)
+    with CheckpointWeights(_write(tmp_path / "b.safetensors", {"input_blocks.4.1.proj_in.weight": conv})) as w:
+        assert w.keys() == ["diffusion_model.input_blocks.4.1.proj_in.weight"]
+    diffusers = {"down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.weight": torch.randn(4, 768).half(),
+                 "up_blocks.1.attentions.2.proj_out.weight": torch.randn(4, 4, 1, 1).half()}
+    with CheckpointWeights(_write(tmp_path / "c.safetensors", diffusers)) as w:
+        assert sorted(w.keys()) == ["diffusion_model.input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight",
+                                    "diffusion_model.output_blocks.5.1.proj_out.weight"]
+
+
+def test_a_file_without_model_weights_is_refused(tmp_path):
+    path = _write(tmp_path / "lora.safetensors", {"lora_unet_x.lora_up.weight": torch.zeros(2, 2)})
+    with pytest.raises(LoraFileError, match="lora.safetensors.*no UNet or text-encoder weights"):
+        CheckpointWeights(path)
+
+
+def test_zoo_sdxl_checkpoint_reads_lazily_with_real_names(zoo):
+    path = zoo.checkpoint("sdxl")
+    with CheckpointWeights(path) as w:
+        assert w.architecture == "sdxl"
+        key = "clip_g.transformer.text_model.encoder.layers.31.self_attn.v_proj.weight"
+        assert w.shape(key) == (1280, 1280)
+        with safe_open(str(path), "pt") as f:
+            inproj = f.get_slice("conditioner.embedders.1.model.transformer.resblocks.31.attn.in_proj_weight")
+            expected = inproj[2560:3840].float()
+        assert torch.equal(w.matrix(key), expected)
+        assert w.shape("diffusion_model.input_blocks.7.1.transformer_blocks.9.attn2.to_k.weight") == (1280, 2048)
+        assert len([k for k in w.keys() if k.startswith("clip_g.") and k.endswith("q_proj.weight")]) == 32
+
+
+def test_digest_memo_is_reused_and_invalidated_by_any_rewrite(tmp_path):
+    path = _write(tmp_path / "m.safetensors", {"model.diffusion_model.out.2.weight": torch.ones(4, 4).half()})
+    memo = tmp_path / "memo"
+    key = "diffusion_model.out.2.weight"
+    with CheckpointWeights(path, fingerprint_dir=memo) as w:
+        digest = w.fingerprint(key)
+    with CheckpointWeights(path, fingerprint_dir=memo) as w:
+        assert w.fingerprint(key) == digest and w.read_seconds == 0.0     # not read: memo hit
+    stat = os.stat(path)
+    _write(path, {"model.diffusion_model.out.2.weight": torch.zeros(4, 4).half()})   # same size
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))                          # mtime forged back
+    with CheckpointWeights(path, fingerprint_dir=memo) as w:
+        assert w.fingerprint(key) != digest and w.read_seconds > 0.0
+    with CheckpointWeights(path, fingerprint_dir=memo, rehash=True) as w:
+        assert w.fingerprint(key) == tensor_fingerprint(torch.zeros(4, 4).half())
