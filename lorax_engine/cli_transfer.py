@@ -33,10 +33,12 @@ from .transfer import TransferOptions, compute_similarity_map, transfer
 # --------------------------------------------------------------------------------------------- arguments
 
 def _threshold(text: str) -> float:
+    if text.strip().lower() in ("off", "none"):
+        return -math.inf
     try:
         return float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r} (use -inf to apply every candidate)") from None
+        raise argparse.ArgumentTypeError(f"not a number: {text!r} (use 'off' to apply every candidate)") from None
 
 
 def _model_args(p):
@@ -48,7 +50,7 @@ def _option_args(p, projection: bool = True):
     p.add_argument("--rank", type=int, default=DEFAULT_RANK, help=f"subspace rank r (default {DEFAULT_RANK})")
     p.add_argument("--threshold", type=_threshold, default=DEFAULT_THRESHOLD,
                    help=f"minimum normalised similarity, 0 = chance, 1 = same (default {DEFAULT_THRESHOLD}; "
-                        "-inf applies every candidate)")
+                        "'off' applies every candidate)")
     speed = p.add_mutually_exclusive_group()
     speed.add_argument("--fast", dest="exact", action="store_false",
                        help="score candidates with randomised bases, project with exact ones (default)")

@@ -1,0 +1,146 @@
+"""``python -m lorax_engine transfer | similarity | batch`` on real files (zoo checkpoints, LoRAs on disk)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+import lora_factory
+from lorax_engine.base_weights import CheckpointWeights
+from lorax_engine.cli import main
+from lorax_engine.lora_formats import read_lora
+from lorax_engine.subspaces import SubspaceCache
+from lorax_engine.transfer import TransferOptions, transfer
+
+KEYS = [
+    "diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_q.weight",
+    "diffusion_model.input_blocks.4.1.transformer_blocks.0.attn2.to_v.weight",
+    "diffusion_model.input_blocks.4.1.proj_out.weight",
+    "clip_l.transformer.text_model.encoder.layers.2.self_attn.out_proj.weight",
+]
+TAGS = json.dumps({"5_lrxstyle": {"lrxstyle": 9}})
+
+
+def _write_lora(path, seed=0, arch="sd1", keys=KEYS):
+    factors = lora_factory.random_factors(arch, rank=4, seed=seed, alpha=2.0, targets=keys)
+    save_file(lora_factory.lora_state_dict(factors, arch, "kohya_diffusers" if arch == "sd1" else "kohya"),
+              str(path), metadata={"ss_tag_frequency": TAGS, "ss_base_model_version": "sd_v1"})
+    return path
+
+
+@pytest.fixture(scope="module")
+def sd15_path(zoo):
+    return str(zoo.checkpoint("sd15"))
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("lorax_cache")
+
+
+def test_transfer_writes_lora_report_and_plot_and_reuses_the_cache(sd15_path, cache_dir, tmp_path, capsys):
+    lora_path = _write_lora(tmp_path / "style.safetensors")
+    out, report, plot = tmp_path / "out.safetensors", tmp_path / "r.json", tmp_path / "p.png"
+    args = ["transfer", "--source-model", sd15_path, "--target-model", sd15_path, "--lora", str(lora_path),
+            "--out", str(out), "--report", str(report), "--plot", str(plot), "--cache-dir", str(cache_dir),
+            "--exact", "--quiet"]
+    assert main(args) == 0
+    stdout = capsys.readouterr().out
+    assert f"wrote {out}" in stdout and "4/4 layers applied" in stdout
+
+    # the file holds what the engine computes in-process (fp16 on disk)
+    lora = read_lora(lora_path)
+    with CheckpointWeights(sd15_path) as w:
+        expected, _ = transfer(lora, w, w, TransferOptions(method="exact"), cache=SubspaceCache(cache_dir))
+    written = read_lora(out)
+    assert sorted(written.layers) == sorted(expected.layers) == sorted(KEYS)
+    for key, layer in expected.layers.items():
+        torch.testing.assert_close(written.layers[key].delta(), layer.to(dtype=torch.float16).delta(),
+                                   rtol=1e-3, atol=1e-6)
+    meta = written.metadata
+    assert meta["ss_tag_frequency"] == TAGS and meta["ss_base_model_version"] == "sd_v1"
+    assert meta["lorax.layers_applied"] == "4" and meta["lorax.mode"] == "subspace"
+
+    data = json.loads(report.read_text())
+    assert data["summary"]["applied"] == 4 and len(data["layers"]) == 4
+    assert {t["target_key"] for t in data["targets"]} == set(KEYS)
+    assert data["cache"]["similarity"]["computed"] > 0
+    img = Image.open(plot)
+    assert img.format == "PNG" and img.size[0] >= 480
+
+    # second run: every basis and similarity comes from the disk cache
+    assert main(args) == 0
+    again = json.loads(report.read_text())
+    assert again["cache"]["similarity"]["computed"] == 0 and again["cache"]["projection"]["computed"] == 0
+    assert again["cache"]["projection"]["disk_hits"] + again["cache"]["projection"]["memory_hits"] >= 4
+
+
+def test_similarity_command_writes_map_and_plot(sd15_path, cache_dir, tmp_path, capsys):
+    lora_path = _write_lora(tmp_path / "style.safetensors")
+    report, plot = tmp_path / "map.json", tmp_path / "map.png"
+    assert main(["similarity", "--source-model", sd15_path, "--target-model", sd15_path, "--lora", str(lora_path),
+                 "--report", str(report), "--plot", str(plot), "--cache-dir", str(cache_dir), "--quiet"]) == 0
+    assert "4 source layers, 4 with candidates; best score >= threshold 0.05: 4" in capsys.readouterr().out
+    data = json.loads(report.read_text())
+    order = [layer["source_key"] for layer in data["layers"]]
+    assert sorted(order) == sorted(KEYS) and order[0].startswith("clip_l.")     # text encoder first
+    for layer in data["layers"]:
+        own = [c for c in layer["candidates"] if c["target_key"] == layer["source_key"]]
+        assert own and own[0]["similarity"]["score"] == pytest.approx(1.0, abs=1e-6)
+    assert Image.open(plot).format == "PNG"
+
+
+def test_batch_carries_on_past_bad_files_and_reports_failures(sd15_path, cache_dir, tmp_path, capsys):
+    folder, out = tmp_path / "in", tmp_path / "out"
+    folder.mkdir()
+    _write_lora(folder / "a.safetensors", seed=1)
+    _write_lora(folder / "b.safetensors", seed=2)
+    (folder / "broken.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    _write_lora(folder / "xl.safetensors", arch="sdxl",
+                keys=["diffusion_model.input_blocks.7.1.transformer_blocks.9.attn2.to_k.weight"])
+    (folder / "notes.txt").write_text("ignored")
+    code = main(["batch", "--source-model", sd15_path, "--target-model", sd15_path, "--lora-dir", str(folder),
+                 "--out-dir", str(out), "--report-dir", str(tmp_path / "reports"), "--cache-dir", str(cache_dir),
+                 "--exact"])
+    captured = capsys.readouterr()
+    assert code == 1
+    assert sorted(p.name for p in out.iterdir()) == ["a.safetensors", "b.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "reports").iterdir()) == ["a.json", "b.json"]
+    assert "batch: 2 of 4 converted, 2 failed" in captured.out
+    assert "FAILED broken.safetensors:" in captured.out and "FAILED xl.safetensors:" in captured.out
+    assert "does not fit the source model" in captured.out
+    assert "[2/4] b.safetensors [" in captured.err and "100.0%" in captured.err      # progress on stderr
+    assert load_file(str(out / "a.safetensors"))      # a real safetensors file
+
+
+def test_errors_are_one_line_without_traceback(sd15_path, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "lorax_engine", "transfer", "--source-model", sd15_path,
+                           "--target-model", sd15_path, "--lora", str(tmp_path / "missing.safetensors"),
+                           "--out", str(tmp_path / "o.safetensors")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("error: ") and "missing.safetensors" in proc.stderr
+
+
+def test_nothing_to_write_and_bad_options_are_clear_errors(sd15_path, zoo, cache_dir, tmp_path, capsys):
+    lora_path = _write_lora(tmp_path / "l.safetensors",
+                            keys=["diffusion_model.output_blocks.10.1.transformer_blocks.0.attn1.to_q.weight"])
+    base = ["transfer", "--source-model", sd15_path, "--lora", str(lora_path), "--out", str(tmp_path / "o.safetensors"),
+            "--cache-dir", str(cache_dir), "--quiet"]
+    # SD1.5's 320-channel attention has no SDXL counterpart: nothing to write, said in one line
+    assert main(base + ["--target-model", str(zoo.checkpoint("sdxl"))]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: nothing to write") and "1 no counterpart" in err and err.count("\n") == 1
+    assert not (tmp_path / "o.safetensors").exists()
+    same = base + ["--target-model", sd15_path]
+    assert main(same + ["--mode", "direct", "--threshold", "off"]) == 0       # direct copies by name
+    assert main(same + ["--rank", "0"]) == 2
+    assert "rank must be a positive integer" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(same + ["--threshold", "high"])
+    assert exc.value.code == 2
