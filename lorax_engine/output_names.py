@@ -32,8 +32,10 @@ def sanitize_stem(name: str) -> str:
     text = re.sub(r"_{2,}", "_", text)[:MAX_STEM_CHARS].strip(" ._")
     if not text:
         raise OutputPathError(f"output name {name!r} has no usable characters; use letters, digits, '-' or '_'")
-    if text.split(".")[0].lower() in _RESERVED_STEMS:
-        text = f"{text}_"
+    # Windows reserves the name before the first dot ("CON.0.safetensors" too) and ignores trailing spaces in it
+    head, dot, rest = text.partition(".")
+    if head.rstrip(" ").lower() in _RESERVED_STEMS:
+        text = f"{head}_{dot}{rest}"
     return text
 
 
