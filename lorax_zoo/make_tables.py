@@ -14,6 +14,7 @@ Tables (``{key: shape}`` unless stated):
 * ``clip_g``: ComfyUI's OpenCLIP-G model under ``clip_g.transformer.`` (HF layout ``text_model.*`` plus
   ``text_projection.weight``): the layout canonical LoRA keys and ``lora_te2_`` names refer to.
 * ``clip_g_openclip``: OpenCLIP-G as stored in SDXL checkpoints under ``conditioner.embedders.1.model.``.
+* ``vae``: the SD1.x / SDXL AutoencoderKL as stored in checkpoints under ``first_stage_model.``.
 * ``sd15_lora_keys`` / ``sdxl_lora_keys``: ``{lora key prefix: model key}`` from
   ``comfy.lora.model_lora_keys_unet`` + ``model_lora_keys_clip``, i.e. every LoRA name ComfyUI accepts.
 """
@@ -58,6 +59,10 @@ UNET_CONFIGS = {
                         "transformer_depth": [0, 0, 1, 1, 2, 2], "transformer_depth_middle": 1,
                         "transformer_depth_output": [0, 0, 0, 0, 0, 0, 0, 0, 1]}, "Segmind_Vega"),
 }
+
+# The SD1.x / SDXL VAE config comfy/sd.py's VAE builds when a checkpoint has "decoder.conv_in.weight".
+VAE_DDCONFIG = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
+                "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
 
 # Checkpoint prefixes of the text encoders (what ComfyUI's process_clip_state_dict_for_saving writes).
 SD15_CLIP_L_PREFIX = "cond_stage_model.transformer."
@@ -134,6 +139,10 @@ def build_tables() -> dict[str, dict]:
         key_map = comfy.lora.model_lora_keys_unet(model, {})
         key_map = comfy.lora.model_lora_keys_clip(clip, key_map)
         tables[f"{arch}_lora_keys"] = dict(key_map)
+    from comfy.ldm.models.autoencoder import AutoencoderKL
+    import torch
+    with torch.device("meta"):
+        tables["vae"] = _shapes(AutoencoderKL(ddconfig=VAE_DDCONFIG, embed_dim=4).state_dict())
     return {name: dict(sorted(table.items())) for name, table in tables.items()}
 
 

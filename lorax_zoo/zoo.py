@@ -58,6 +58,7 @@ class _Spec:
 _CLIP_SD15 = _Part("cond_stage_model.transformer.", "clip_l", "clip_l")
 _CLIP_L_SDXL = _Part("conditioner.embedders.0.transformer.", "clip_l", "clip_l")
 _CLIP_G_SDXL = _Part("conditioner.embedders.1.model.", "clip_g_openclip", "clip_g")
+_VAE = _Part("first_stage_model.", "vae", "vae")
 _SD15 = (_Part(UNET_PREFIX, "sd15_unet", "sd15_unet"), _CLIP_SD15)
 _SDXL = (_Part(UNET_PREFIX, "sdxl_unet", "sdxl_unet"), _CLIP_L_SDXL, _CLIP_G_SDXL)
 
@@ -70,6 +71,9 @@ SPECS: dict[str, _Spec] = {
                        description="26 M UNet detected as SD15, plus the sd15 CLIP-L (fp16, 0.3 GB)"),
     "tiny_sdxl": _Spec((_Part(UNET_PREFIX, "tiny_sdxl_unet", "tiny_sdxl_unet"),),
                        description="143 M UNet detected as SDXL, no text encoders (fp16, 0.3 GB)"),
+    "demo_sdxl": _Spec((_Part(UNET_PREFIX, "tiny_sdxl_unet", "tiny_sdxl_unet"), _CLIP_L_SDXL, _CLIP_G_SDXL, _VAE),
+                       description="the tiny_sdxl UNet with SDXL's text encoders and a VAE, so text-to-image "
+                                   "workflows run end to end on CPU (fp16, 2.1 GB)"),
     "tiny_vega": _Spec((_Part(UNET_PREFIX, "tiny_vega_unet", "tiny_vega_unet"),),
                        description="86 M UNet detected as Segmind Vega, no text encoders"),
 }

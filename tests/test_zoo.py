@@ -41,6 +41,7 @@ def test_tables_have_the_documented_sizes(zoo):
     assert round(params["sdxl_unet"] / 1e5) == 25675
     assert len(zoo.key_table("sd15_unet")) == 686 and len(zoo.key_table("sdxl_unet")) == 1680
     assert round(params["clip_l"] / 1e6) == 123
+    assert round(sum(math.prod(s) for s in zoo.key_table("vae").values()) / 1e5) == 837    # the SD/SDXL VAE
     assert zoo.key_table("clip_g_openclip")["transformer.resblocks.0.attn.in_proj_weight"] == (3840, 1280)
     assert zoo.key_table("clip_g")["text_model.encoder.layers.31.mlp.fc2.weight"] == (1280, 5120)
     assert sum(k.startswith("lora_unet_") for k in zoo.lora_key_map("sd15")) == 796
@@ -51,7 +52,7 @@ def test_tables_have_the_documented_sizes(zoo):
 
 @pytest.mark.parametrize("name, expected", [("sd15", "SD15"), ("sdxl", "SDXL"), ("sd15_finetune", "SD15"),
                                             ("tiny_sd15", "SD15"), ("tiny_sdxl", "SDXL"),
-                                            ("tiny_vega", "Segmind_Vega")])
+                                            ("tiny_vega", "Segmind_Vega"), ("demo_sdxl", "SDXL")])
 def test_checkpoint_layouts_map_onto_comfyui_models(comfy, zoo, name, expected):
     """ComfyUI detects the layout and maps every tensor of it, text encoders included (no file needed)."""
     sd = _meta_state_dict(zoo, name)
@@ -276,3 +277,21 @@ def test_full_size_sdxl_text_encoders_load_in_comfyui(comfy, zoo, comfy_logs):
     l_key = "text_model.encoder.layers.11.mlp.fc2.weight"
     torch.testing.assert_close(loaded["clip_l.transformer." + l_key].float(),
                                zoo.weight("sd15", CLIP_L_SD15 + l_key).float(), rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_demo_sdxl_runs_text_to_image_pieces_in_comfyui(comfy, zoo, comfy_logs):
+    """demo_sdxl: detected as SDXL with both text encoders and a working VAE (what the demo workflow needs)."""
+    with torch.inference_mode():
+        model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(str(zoo.checkpoint("demo_sdxl")),
+                                                                    output_vae=True, output_clip=True)
+        assert type(model.model.model_config).__name__ == "SDXL"
+        assert type(clip.cond_stage_model).__name__ == "SDXLClipModel"
+        messages = comfy_logs.messages()
+        assert not [m for m in messages if "clip missing" in m or "VAE" in m and ("Missing" in m or "No " in m)]
+        torch.testing.assert_close(vae.first_stage_model.state_dict()["decoder.conv_in.weight"].float(),
+                                   zoo.weight("demo_sdxl", "first_stage_model.decoder.conv_in.weight").float(),
+                                   rtol=0, atol=0)
+        image = vae.decode(torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)))
+    assert image.shape == (1, 64, 64, 3) and torch.isfinite(image).all()
+    assert 0 <= float(image.min()) and float(image.max()) <= 1 and float(image.std()) > 0
