@@ -177,6 +177,17 @@ def _summary_line(report) -> str:
             f"({reasons}); energy kept {100 * s['energy_kept']:.1f}%; {s['seconds']:.1f} s")
 
 
+def _check_output_paths(*paths):
+    """Refuse unusable output paths before the minutes of work, not after them."""
+    for path in paths:
+        if path is None:
+            continue
+        if path.is_dir():
+            raise OutputPathError(f"{path}: is a folder; give the output a file name")
+        if not path.parent.is_dir():
+            raise OutputPathError(f"{path}: the folder {path.parent} does not exist")
+
+
 def _write_result(result, report, out: Path):
     if not result.layers:
         raise TransferOptionError(f"nothing to write to {out}: no layer passed the threshold "
@@ -191,6 +202,7 @@ def _write_result(result, report, out: Path):
 
 def run_transfer(args) -> int:
     options = _options(args)
+    _check_output_paths(args.out, args.report, args.plot)
     cache = _cache(args)
     lora = read_lora(args.lora)
     source, target = _open_models(args, cache)
@@ -215,6 +227,7 @@ def run_transfer(args) -> int:
 
 def run_similarity(args) -> int:
     options = _options(args)
+    _check_output_paths(args.report, args.plot)
     cache = _cache(args)
     lora = read_lora(args.lora) if args.lora else None
     source, target = _open_models(args, cache)

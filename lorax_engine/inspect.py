@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 from pathlib import Path
 
@@ -58,14 +59,14 @@ def trigger_words(metadata: dict[str, str], top: int = TOP_TAGS) -> list[tuple[s
     """The most frequent training tags from kohya's ``ss_tag_frequency`` ({dataset: {tag: count}})."""
     try:
         freq = json.loads(metadata.get("ss_tag_frequency", "{}"))
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):   # not JSON, or nested absurdly deep: no trigger words to show
         return []
     counts: Counter = Counter()
     if isinstance(freq, dict):
         for tags in freq.values():
             if isinstance(tags, dict):
                 for tag, n in tags.items():
-                    if isinstance(n, (int, float)):
+                    if isinstance(n, (int, float)) and math.isfinite(n):   # JSON allows Infinity and NaN
                         counts[tag.strip()] += int(n)
     return counts.most_common(top)
 

@@ -9,6 +9,7 @@ Write: kohya/SAI names (what SDXL LoRAs in the wild use), kohya and SAI ModelSpe
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import tempfile
@@ -19,9 +20,9 @@ import torch
 
 from .architectures import detect_lora_architecture
 from .errors import LoraFileError, OutputPathError
-from .keys import canonical_to_kohya, expected_shape, module_to_canonical, split_key
+from .keys import KeyPart, canonical_to_kohya, expected_shape, module_to_canonical, split_key
 from .lora import LoraLayer, LoraModel
-from .safetensors_file import PICKLE_SUFFIXES, load_state_dict_file
+from .safetensors_file import PICKLE_SUFFIXES, SafetensorsFile, check_regular_file, load_state_dict_file
 
 REFACTOR_ENERGY = 0.999          # LoHa/LoKr re-factorisation keeps at least this share of ||ΔW||_F^2
 MAX_METADATA_VALUE_CHARS = 4_000_000
@@ -39,6 +40,7 @@ MODELSPEC_RESOLUTION = {"sdxl": "1024x1024", "sd1": "512x512"}
 def load_lora_file(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """The raw tensors and metadata of a LoRA file (``.safetensors``, or a weights-only pickle)."""
     path = Path(path)
+    check_regular_file(path)   # "is a directory" / "file not found" say more than a wrong extension would
     suffix = path.suffix.lower()
     if suffix == ".safetensors" or suffix in PICKLE_SUFFIXES:
         return load_state_dict_file(path)
@@ -47,6 +49,11 @@ def load_lora_file(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 
 def read_lora(path) -> LoraModel:
     """Read a LoRA file into canonical form."""
+    path = Path(path)
+    if path.suffix.lower() == ".safetensors" and path.is_file():
+        # names first: a checkpoint picked by mistake is refused before gigabytes of it are read
+        with SafetensorsFile(path) as f:
+            _lora_parts(f.keys(), str(path))
     sd, metadata = load_lora_file(path)
     return lora_from_state_dict(sd, metadata, path=path)
 
@@ -59,6 +66,20 @@ def _examples(keys, n=5) -> str:
 
 def _dtype_name(t: torch.Tensor) -> str:
     return str(t.dtype).replace("torch.", "")
+
+
+def _lora_parts(keys, name: str) -> dict[str, KeyPart | None]:
+    """Every key split into module and part, after the checks that need only the names."""
+    parts = {k: split_key(k) for k in keys}
+    if not parts:
+        raise LoraFileError(name, "holds no tensors at all")
+    if not any(p and p.part not in ("alpha", "dora_scale") for p in parts.values()):
+        raise LoraFileError(name, f"holds no LoRA weights ({len(parts)} tensors, e.g. {_examples(parts, 3)}) — is it "
+                                  "a checkpoint or an embedding rather than a LoRA?")
+    if any(p and p.part == "dora_scale" for p in parts.values()):
+        raise LoraFileError(name, "is a DoRA (weight-decomposed LoRA); DoRA cannot be expressed as a plain LoRA and "
+                                  "is not supported")
+    return parts
 
 
 def lora_from_state_dict(sd: dict[str, torch.Tensor], metadata: dict[str, str] | None = None,
@@ -74,15 +95,8 @@ def lora_from_state_dict(sd: dict[str, torch.Tensor], metadata: dict[str, str] |
         raise LoraFileError(name, problem)
 
     metadata = dict(metadata or {})
-    if not sd:
-        fail("holds no tensors at all")
-    parts = {k: split_key(k) for k in sd}
+    parts = _lora_parts(sd, name)
     factor_keys = [k for k, p in parts.items() if p and p.part not in ("alpha", "dora_scale")]
-    if not factor_keys:
-        fail(f"holds no LoRA weights ({len(sd)} tensors, e.g. {_examples(sd, 3)}) — is it a checkpoint or an "
-             "embedding rather than a LoRA?")
-    if any(p and p.part == "dora_scale" for p in parts.values()):
-        fail("is a DoRA (weight-decomposed LoRA); DoRA cannot be expressed as a plain LoRA and is not supported")
 
     detection = detect_lora_architecture({k: tuple(v.shape) for k, v in sd.items()})
     arch = detection.architecture
@@ -339,10 +353,38 @@ def lora_metadata(lora: LoraModel, architecture: str, output_name: str,
         "modelspec.resolution": MODELSPEC_RESOLUTION[architecture],
         "modelspec.title": lora.metadata.get("modelspec.title") or output_name,
     }
-    if "ss_tag_frequency" in lora.metadata:    # the trigger words
-        md["ss_tag_frequency"] = lora.metadata["ss_tag_frequency"]
+    tags = _fit_tag_frequency(lora.metadata.get("ss_tag_frequency"))    # the trigger words
+    if tags is not None:
+        md["ss_tag_frequency"] = tags
     md.update(extra_metadata or {})
     return md
+
+
+def _fit_tag_frequency(text: str | None) -> str | None:
+    """kohya's ``ss_tag_frequency`` ({dataset: {tag: count}}) within the metadata size limit: when the source's
+    list is larger, the most frequent tags of each dataset (trigger words are the frequent ones); None if
+    there is nothing that can be kept."""
+    if text is None or len(text) <= MAX_METADATA_VALUE_CHARS:
+        return text
+    try:
+        freq = json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(freq, dict) or not all(isinstance(tags, dict) for tags in freq.values()):
+        return None
+
+    def count(item):
+        n = item[1]
+        return n if isinstance(n, (int, float)) and math.isfinite(n) else 0
+
+    ranked = {d: sorted(tags.items(), key=count, reverse=True) for d, tags in freq.items()}
+    keep = max((len(tags) for tags in ranked.values()), default=0)
+    while keep > 1:
+        keep //= 2
+        fitted = json.dumps({d: dict(tags[:keep]) for d, tags in ranked.items()}, ensure_ascii=False)
+        if len(fitted) <= MAX_METADATA_VALUE_CHARS:
+            return fitted
+    return None
 
 
 def _check_metadata(md: dict, path: Path):

@@ -40,7 +40,7 @@ PICKLE_REFUSAL = ("refused: this pickle file needs code execution to load; conve
                   "with a tool you trust")
 
 
-def _check_regular_file(path: Path) -> int:
+def check_regular_file(path: Path) -> int:
     """Size of ``path`` in bytes, or a LoraFileError saying why it is not a readable file."""
     try:
         st = path.stat()
@@ -55,6 +55,15 @@ def _check_regular_file(path: Path) -> int:
     if st.st_size == 0:
         raise LoraFileError(path, "is empty (0 bytes)")
     return st.st_size
+
+
+def _is_unicode(text: str) -> bool:
+    """False for strings holding lone surrogates: JSON can escape them, UTF-8 (and the safetensors spec) cannot."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _sniff_other_format(first_bytes: bytes) -> str | None:
@@ -80,7 +89,7 @@ class SafetensorsFile:
 
     def __init__(self, path):
         self.path = Path(path)
-        self._file_size = _check_regular_file(self.path)
+        self._file_size = check_regular_file(self.path)
         self._fh = open(self.path, "rb")
         try:
             self._entries, self.metadata, self._data_start = self._read_header()
@@ -117,6 +126,8 @@ class SafetensorsFile:
             header = json.loads(text)
         except json.JSONDecodeError as err:
             self._fail(f"corrupt safetensors header: not valid JSON ({err.msg} at character {err.pos})")
+        except RecursionError:
+            self._fail("corrupt safetensors header: its JSON is nested too deeply")
         if not isinstance(header, dict):
             self._fail("corrupt safetensors header: the JSON is not an object")
 
@@ -126,10 +137,17 @@ class SafetensorsFile:
         for k, v in metadata.items():
             if not isinstance(v, str):
                 self._fail(f"corrupt safetensors metadata: the value of {k!r} is not a string")
+            for what, text in (("name", k), ("value", v)):
+                if not _is_unicode(text):
+                    self._fail(f"corrupt safetensors metadata: the {what} of {k[:60]!r} is not valid Unicode text "
+                               "(a lone surrogate escape)")
 
         data_size = size - 8 - n
         entries = {}
         for key, info in header.items():
+            if not _is_unicode(key):
+                self._fail(f"corrupt safetensors header: the tensor name {key[:200]!r} is not valid Unicode text "
+                           "(a lone surrogate escape)")
             entries[key] = self._check_entry(key, info)
         declared = max((e[3] for e in entries.values()), default=0)
         if declared > data_size:
@@ -247,7 +265,7 @@ def load_state_dict_file(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]
     other Python object to load is refused, never executed.
     """
     path = Path(path)
-    _check_regular_file(path)
+    check_regular_file(path)
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
         with SafetensorsFile(path) as f:
