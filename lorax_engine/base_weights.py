@@ -253,15 +253,17 @@ class CheckpointWeights:
         """Write newly computed digests to the memo (atomically); a no-op without ``fingerprint_dir``."""
         if self._memo_path is None or not self._dirty:
             return
+        tmp = self._memo_path.with_name(f".{self._memo_path.name}.{os.getpid()}.tmp")
         try:
             self._memo_path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self._memo_path.with_name(f".{self._memo_path.name}.{os.getpid()}.tmp")
             tmp.write_text(json.dumps({"path": str(self.path), "stat": self._memo_stamp,
                                        "digests": self._digests}))
             os.replace(tmp, self._memo_path)
             self._dirty = False
         except OSError:
             pass    # the memo only saves time
+        finally:
+            tmp.unlink(missing_ok=True)
 
 
 def open_base_model(source, fingerprint_dir=None, rehash: bool = False) -> BaseModelWeights:

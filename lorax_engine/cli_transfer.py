@@ -26,8 +26,12 @@ from .matching import DEFAULT_THRESHOLD, POLICIES
 from .output_names import sanitize_stem, unique_output_path
 from .plot import plot_similarity
 from .projection import MODES
+from .safetensors_file import PICKLE_SUFFIXES
 from .subspaces import DEFAULT_RANK, SubspaceCache, default_cache_dir
 from .transfer import TransferOptions, compute_similarity_map, transfer
+
+
+LORA_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)   # what ``batch`` picks up in a folder
 
 
 # --------------------------------------------------------------------------------------------- arguments
@@ -91,7 +95,8 @@ def add_arguments(subparsers) -> None:
 
     p = subparsers.add_parser("batch", help="transfer every LoRA of a folder (bases computed once)")
     _model_args(p)
-    p.add_argument("--lora-dir", required=True, type=Path, help="folder of LoRA files (.safetensors)")
+    p.add_argument("--lora-dir", required=True, type=Path,
+                   help="folder of LoRA files (.safetensors; pickles are read weights-only)")
     p.add_argument("--out-dir", required=True, type=Path, help="folder for the transferred LoRAs")
     p.add_argument("--report-dir", type=Path, help="folder for per-file JSON reports")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs (default: add a counter)")
@@ -257,9 +262,9 @@ def run_batch(args) -> int:
     options = _options(args)
     if not args.lora_dir.is_dir():
         raise TransferOptionError(f"{args.lora_dir}: not a folder")
-    files = sorted(p for p in args.lora_dir.iterdir() if p.suffix.lower() == ".safetensors" and p.is_file())
+    files = sorted(p for p in args.lora_dir.iterdir() if p.suffix.lower() in LORA_SUFFIXES and p.is_file())
     if not files:
-        raise TransferOptionError(f"{args.lora_dir}: no .safetensors files")
+        raise TransferOptionError(f"{args.lora_dir}: no LoRA files ({', '.join(LORA_SUFFIXES)})")
     for folder in (args.out_dir, args.report_dir):
         if folder is not None:
             try:
@@ -268,7 +273,7 @@ def run_batch(args) -> int:
                 raise OutputPathError(f"{folder}: cannot be created ({err.strerror or err})") from None
     cache = _cache(args)
     source, target = _open_models(args, cache)
-    failures, start = [], time.perf_counter()
+    failures, written, start = [], set(), time.perf_counter()
     try:
         for i, path in enumerate(files, 1):
             bar = ProgressBar(f"[{i}/{len(files)}] {path.name[:40]}", not args.quiet)
@@ -276,9 +281,12 @@ def run_batch(args) -> int:
                 lora = read_lora(path)
                 result, report = transfer(lora, source, target, options, cache=cache, progress=bar)
                 bar.close()
-                out = args.out_dir / f"{sanitize_stem(path.stem)}.safetensors" if args.overwrite else \
-                    unique_output_path(args.out_dir, path.stem)
+                out = args.out_dir / f"{sanitize_stem(path.stem)}.safetensors"
+                # "a.pt" and "a.safetensors" of one folder must not overwrite each other's output
+                if not args.overwrite or out in written:
+                    out = unique_output_path(args.out_dir, path.stem)
                 _write_result(result, report, out)
+                written.add(out)
                 if args.report_dir:
                     _write_text(args.report_dir / f"{out.stem}.json", report.to_json())
                 print(f"ok     {path.name} -> {out.name}: {_summary_line(report)}", flush=True)

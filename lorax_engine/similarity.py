@@ -93,6 +93,11 @@ def layer_similarity(source: Basis, target: Basis) -> LayerSimilarity:
     return LayerSimilarity(side_similarity(source.u, target.u, ms, mt), side_similarity(source.v, target.v, ns, nt))
 
 
+def _checksum(pairs: dict) -> str:
+    """sha256 of a pair file's scores: altered numbers that still parse are not believed."""
+    return hashlib.sha256(json.dumps(pairs, sort_keys=True).encode()).hexdigest()
+
+
 class PairStore:
     """Layer similarities by content: ``(source fingerprint, target fingerprint, spec)`` -> LayerSimilarity.
 
@@ -118,9 +123,10 @@ class PairStore:
             if self.directory is not None:
                 try:
                     data = json.loads((self.directory / fid[:2] / f"{fid}.json").read_text())
-                    if data.get("id") == fid and isinstance(data.get("pairs"), dict):
+                    if (data.get("id") == fid and isinstance(data.get("pairs"), dict)
+                            and data.get("checksum") == _checksum(data["pairs"])):
                         pairs = data["pairs"]
-                except (OSError, ValueError, AttributeError):
+                except (OSError, ValueError, AttributeError, RecursionError):
                     pass
             self._files[fid] = pairs
         return pairs
@@ -145,13 +151,16 @@ class PairStore:
             return
         for fid in sorted(self._dirty):
             path = self.directory / fid[:2] / f"{fid}.json"
+            pairs = self._files[fid]
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-                tmp.write_text(json.dumps({"id": fid, "pairs": self._files[fid]}))
+                tmp.write_text(json.dumps({"id": fid, "pairs": pairs, "checksum": _checksum(pairs)}))
                 os.replace(tmp, path)
             except OSError:
-                pass
+                pass    # the store only saves time
+            finally:
+                tmp.unlink(missing_ok=True)
         self._dirty.clear()
 
 

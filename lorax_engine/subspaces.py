@@ -33,7 +33,7 @@ Cache (:class:`SubspaceCache`): an in-memory LRU bounded in bytes plus an option
 is the weight's content fingerprint (sha256 of its stored bytes, dtype and shape; see
 :mod:`lorax_engine.base_weights`), its matrix shape, the effective method with all its parameters, the
 output dtype and an algorithm version, so a stale basis cannot be served. Disk entries are safetensors
-files written atomically (temporary file + ``os.replace``) and validated on read (key, shapes, dtype,
+files written atomically (temporary file + ``os.replace``) and validated on read (key, checksum, shapes, dtype,
 finite values, unit columns); a bad entry is deleted and recomputed. No pickle anywhere.
 """
 from __future__ import annotations
@@ -294,6 +294,8 @@ class SubspaceCache:
                 if f.metadata.get("lorax.cache_key") != ckey:
                     raise ValueError("entry belongs to another key")
                 t = {k: f.get(k) for k in f.keys()}
+                if f.metadata.get("lorax.checksum") != _checksum(t):
+                    raise ValueError("content does not match its checksum")
             basis = Basis(shape, t.get("u"), t.get("v"), t.get("s"), eff.describe())
             _validate(basis, eff.rank)
             return basis
@@ -313,12 +315,21 @@ class SubspaceCache:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".{path.name}.{os.getpid()}.{time.monotonic_ns()}.tmp")
             try:
-                save_file(tensors, str(tmp), metadata={"lorax.cache_key": ckey, "lorax.method": basis.method})
+                save_file(tensors, str(tmp), metadata={"lorax.cache_key": ckey, "lorax.method": basis.method,
+                                                       "lorax.checksum": _checksum(tensors)})
                 os.replace(tmp, path)
             finally:
                 tmp.unlink(missing_ok=True)
         except OSError:
             pass    # a read-only or full cache disk costs speed, never the result
+
+
+def _checksum(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 of an entry's tensors: catches damage that leaves the shapes and unit columns intact."""
+    from .base_weights import tensor_fingerprint   # local: keeps this module importable on its own
+
+    return hashlib.sha256("|".join(f"{k}={tensor_fingerprint(t)}" for k, t in sorted(tensors.items())).encode()
+                          ).hexdigest()
 
 
 def _validate(basis: Basis, rank: int):
