@@ -14,7 +14,9 @@ from .errors import OutputPathError
 # Windows refuses these as file stems whatever the extension; files shared across OSes must avoid them.
 _RESERVED_STEMS = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(10)), *(f"lpt{i}" for i in range(10))}
 _UNSAFE_CHARS = re.compile(r'[\x00-\x1f\x7f<>:"/\\|?*]')
-MAX_STEM_CHARS = 120
+# in UTF-8 bytes: with a counter, the extension and a temporary file's decoration the name stays far below the
+# 255 bytes most file systems allow (120 characters could be 480 bytes)
+MAX_STEM_BYTES = 120
 
 
 def sanitize_stem(name: str) -> str:
@@ -29,7 +31,7 @@ def sanitize_stem(name: str) -> str:
         text = text[: -len(".safetensors")]
     text = _UNSAFE_CHARS.sub("_", text)
     text = re.sub(r"\.{2,}", "_", text).strip(" ._")
-    text = re.sub(r"_{2,}", "_", text)[:MAX_STEM_CHARS].strip(" ._")
+    text = re.sub(r"_{2,}", "_", text).encode("utf-8")[:MAX_STEM_BYTES].decode("utf-8", "ignore").strip(" ._")
     if not text:
         raise OutputPathError(f"output name {name!r} has no usable characters; use letters, digits, '-' or '_'")
     # Windows reserves the name before the first dot ("CON.0.safetensors" too) and ignores trailing spaces in it

@@ -274,7 +274,10 @@ class SaveLoRAX:
         if save_to not in SAVE_LOCATIONS:
             raise NodeError(f"save_to must be one of {', '.join(SAVE_LOCATIONS)}")
         folder = self._folder(save_to)
-        os.makedirs(folder, exist_ok=True)
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError as err:
+            raise NodeError(f"{folder}: the output folder cannot be created ({err.strerror or err})") from None
         path = unique_output_path(folder, filename)
         write_lora(projected_lora, path, architecture=projected_lora.architecture)
         return {"ui": {"lorax": [{"verdict": "good", "lines": [f"saved {path.name}"]}],
