@@ -59,6 +59,7 @@ def _option_args(p, projection: bool = True):
     speed.add_argument("--fast", dest="exact", action="store_false",
                        help="score candidates with randomised bases, project with exact ones (default)")
     speed.add_argument("--exact", dest="exact", action="store_true", help="exact bases everywhere (slower)")
+    p.set_defaults(exact=False)
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     cache = p.add_mutually_exclusive_group()
     cache.add_argument("--cache-dir", type=Path, default=None,

@@ -56,24 +56,20 @@ def plot_similarity(rows: list[dict], threshold: float | None = None, title: str
     def y_of(v):
         return top + (hi - v) / (hi - lo) * plot_h
 
-    # block shading and group separators
-    prev_block, shade, prev_group, group_start = None, False, None, 0
-    for i, r in enumerate(rows + [None]):
-        g = _group(r["side"]) if r else None
-        if r is None or g != prev_group:
-            if prev_group is not None:
-                x0, x1 = left + group_start * col, left + i * col
-                draw.text(((x0 + x1) / 2 - 4 * len(GROUPS[prev_group][0]) / 1.3, top - 14), GROUPS[prev_group][0],
-                          fill=TEXT, font=font)
-                if r is not None:
-                    draw.line([(x1, top), (x1, top + plot_h)], fill=AXIS, width=1)
-            prev_group, group_start = g, i
-        if r is None:
-            break
+    # alternate shading per block, then group separators and labels on top of it
+    prev_block, shade = None, False
+    for i, r in enumerate(rows):
         if r["block"] != prev_block:
             shade, prev_block = not shade, r["block"]
         if shade:
             draw.rectangle([left + i * col, top, left + (i + 1) * col, top + plot_h], fill=SHADE)
+    starts = [i for i, r in enumerate(rows) if i == 0 or _group(r["side"]) != _group(rows[i - 1]["side"])]
+    for a, b in zip(starts, starts[1:] + [len(rows)]):
+        x0, x1 = left + a * col, left + b * col
+        name = GROUPS[_group(rows[a]["side"])][0]
+        draw.text(((x0 + x1) / 2 - 3 * len(name), top - 14), name, fill=TEXT, font=font)
+        if a:
+            draw.line([(x0, top), (x0, top + plot_h)], fill=AXIS, width=1)
 
     # axes and grid
     for v in np.arange(math.ceil(lo * 4) / 4, hi, 0.25):

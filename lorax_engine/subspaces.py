@@ -21,13 +21,14 @@ Methods (the choice is an option, ``SubspaceSpec.method``):
   exact when ``r + oversample >= d``.
 
 Measured accuracy (zoo weights: ``s_i ~ 1/i`` with a noise floor, so ``s_320 / s_321 = 1.003``, as flat at
-the cut as trained weights; r = 320, 1280 x 1280, 640 x 640, 1280 x 5120): with p = 32, q = 1 the randomised
-U_r captures 92-95% of the exact one (``||U^T U_exact||_F^2 / r``), because the directions around index 320
-are nearly degenerate. Projections through such a basis differ from exact ones by ~40%, so the transfer uses
-exact bases for every projection. Similarities between two weights, however, are off by only 0.003-0.006
-(both weights' sketch errors are alike), so the randomised basis is what the "fast" transfer uses to screen
-candidate layers. Getting a projection within 1e-2 from a sketch takes p = 160, q = 5, which costs as much
-as the exact method here.
+the cut as trained weights; r = 320; 640 x 640, 1280 x 1280, 1280 x 5120): with the defaults p = 96, q = 1
+the randomised U_r captures 96.7-97.0% of the exact one (``||U^T U_exact||_F^2 / r``): the directions
+around index 320 are nearly degenerate. A projection through it differs from the exact one by 24-26%, so
+the transfer projects with exact bases only. Similarities between two weights, however, come out within
+0.001-0.004 of the exact ones (both weights' sketch errors are alike; sd15 vs sd15_finetune, five layer
+shapes; p = 32 was off by up to 0.012, q = 0 likewise), so the "fast" transfer screens candidate layers with
+randomised bases. A projection within 1e-2 of exact takes p = 160, q = 5 (error 0.0025-0.0042), which on 2
+CPU cores costs as much as the exact method.
 
 Cache (:class:`SubspaceCache`): an in-memory LRU bounded in bytes plus an optional on-disk cache. The key
 is the weight's content fingerprint (sha256 of its stored bytes, dtype and shape; see

@@ -104,3 +104,34 @@ def test_pair_store_round_trips_through_disk_and_ignores_damage(tmp_path):
     [path] = list((tmp_path / "pairs").rglob("*.json"))
     path.write_text("{not json")
     assert PairStore(tmp_path).get("sha256:a", "sha256:b", "spec") is None
+
+
+def test_plot_draws_verdicts_threshold_and_returns_an_image_array(tmp_path):
+    from PIL import Image
+
+    from lorax_engine.plot import APPLIED, DROPPED, THRESH, plot_similarity
+
+    rows = [{"key": "a", "side": "clip_l", "block": "clip_l.layers.0", "scores": [1.0, 0.0], "best": 1.0,
+             "applied": True},
+            {"key": "b", "side": "input", "block": "input_blocks.4.1", "scores": [0.01, -0.01], "best": 0.01,
+             "applied": False},
+            {"key": "c", "side": "output", "block": "output_blocks.9.1", "scores": [], "best": None,
+             "applied": False}]
+    img = plot_similarity(rows, threshold=0.3, title="t", path=tmp_path / "p.png")
+    assert img.dtype == np.float32 and img.ndim == 3 and img.shape[2] == 3
+    assert 0.0 <= img.min() and img.max() <= 1.0
+    pixels = np.round(img * 255).astype(int)
+
+    def count(color):
+        return int(np.all(pixels == np.array(color), axis=2).sum())
+
+    assert count(APPLIED) > 10 and count(DROPPED) > 10
+    # in the plot area (above the legend) the applied marker sits above the threshold line, the dropped below
+    area = pixels[: img.shape[0] - 40]
+    ys_applied = np.nonzero(np.all(area == np.array(APPLIED), axis=2))[0]
+    ys_dropped = np.nonzero(np.all(area == np.array(DROPPED), axis=2))[0]
+    threshold_rows = np.nonzero(np.all(area == np.array(THRESH), axis=2).sum(axis=1) > 20)[0]
+    assert len(ys_applied) and len(ys_dropped) and len(threshold_rows) >= 1
+    assert ys_applied.max() < threshold_rows.min() <= threshold_rows.max() < ys_dropped.min()
+    saved = np.asarray(Image.open(tmp_path / "p.png").convert("RGB"))
+    assert np.array_equal(saved, pixels)

@@ -67,6 +67,7 @@ def test_transfer_writes_lora_report_and_plot_and_reuses_the_cache(sd15_path, ca
     assert meta["lorax.layers_applied"] == "4" and meta["lorax.mode"] == "subspace"
 
     data = json.loads(report.read_text())
+    assert data["options"]["method"] == "exact"
     assert data["summary"]["applied"] == 4 and len(data["layers"]) == 4
     assert {t["target_key"] for t in data["targets"]} == set(KEYS)
     assert data["cache"]["similarity"]["computed"] > 0
@@ -138,7 +139,10 @@ def test_nothing_to_write_and_bad_options_are_clear_errors(sd15_path, zoo, cache
     assert err.startswith("error: nothing to write") and "1 no counterpart" in err and err.count("\n") == 1
     assert not (tmp_path / "o.safetensors").exists()
     same = base + ["--target-model", sd15_path]
-    assert main(same + ["--mode", "direct", "--threshold", "off"]) == 0       # direct copies by name
+    report = tmp_path / "r.json"
+    assert main(same + ["--mode", "direct", "--threshold", "off", "--report", str(report)]) == 0   # by name
+    options = json.loads(report.read_text())["options"]
+    assert (options["method"], options["threshold"], options["mode"]) == ("fast", "-inf", "direct")
     assert main(same + ["--rank", "0"]) == 2
     assert "rank must be a positive integer" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:
