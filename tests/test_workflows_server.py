@@ -59,12 +59,14 @@ def test_convert_and_save_workflow_patches_like_the_stock_loader(server, zoo, co
     prompt["91"] = {"class_type": "ModelSave", "inputs": {"model": ["90", 0], "filename_prefix": "patched/unet"}}
     # unrelated synthetic models score near chance (as SD1.5 vs SDXL may): apply every candidate
     prompt["4"]["inputs"].update(rank=64, threshold=-1.0)
+    # the session's server is shared: a name no other test saves, so no counter suffix is added
+    prompt["7"]["inputs"]["filename"] = "server_test_convert"
     history = server.run_prompt(prompt, timeout=900)
     assert history["status"]["status_str"] == "success"
     summary = history["outputs"]["6"]["lorax"][0]
     assert summary["applied"] > 0 and summary["verdict"] in ("good", "weak")
     saved = history["outputs"]["7"]["text"][0]
-    assert saved.endswith("my_style_lorax_sdxl.safetensors")
+    assert saved.endswith("/loras/server_test_convert.safetensors")
 
     lora_sd = load_file(saved)
     patched = load_file(str(_output_file(server, "patched", "unet*.safetensors")))
