@@ -416,7 +416,8 @@ def write_lora(lora: LoraModel, path, *, architecture: str, extra_metadata: dict
     if not path.parent.is_dir():
         raise OutputPathError(f"{path}: the folder {path.parent} does not exist")
     sd = to_kohya_state_dict(lora, architecture, dtype)
-    md = lora_metadata(lora, architecture, path.stem, extra_metadata)
+    # a file name that is not UTF-8 (Python keeps its bytes as lone surrogates) cannot go into the metadata as is
+    md = lora_metadata(lora, architecture, os.fsencode(path.stem).decode("utf-8", "replace"), extra_metadata)
     _check_metadata(md, path)
     tmp = None
     try:

@@ -13,7 +13,8 @@ from .errors import OutputPathError
 
 # Windows refuses these as file stems whatever the extension; files shared across OSes must avoid them.
 _RESERVED_STEMS = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(10)), *(f"lpt{i}" for i in range(10))}
-_UNSAFE_CHARS = re.compile(r'[\x00-\x1f\x7f<>:"/\\|?*]')
+# control characters, characters Windows forbids, and lone surrogates (bytes of a file name that were not UTF-8)
+_UNSAFE_CHARS = re.compile(r'[\x00-\x1f\x7f<>:"/\\|?*\ud800-\udfff]')
 # in UTF-8 bytes: with a counter, the extension and a temporary file's decoration the name stays far below the
 # 255 bytes most file systems allow (120 characters could be 480 bytes)
 MAX_STEM_BYTES = 120

@@ -269,7 +269,8 @@ def test_module_to_canonical(module, architecture):
 
 @FUZZ
 @given(name=st.one_of(_TEXT, st.text(min_size=60, max_size=300), st.builds("".join, st.lists(st.sampled_from(
-    ["..", "/", "\\", "\x00", "CON", "nul", "COM1", ".", " ", "a", "é", "C:", "~", ".safetensors", "\n"]),
+    ["..", "/", "\\", "\x00", "CON", "nul", "COM1", ".", " ", "a", "é", "C:", "~", ".safetensors", "\n",
+     "\udce9"]),   # a byte of a non-UTF-8 file name, as Python keeps it
     max_size=8))))
 def test_output_names_stay_in_their_folder(scratch, name):
     folder = scratch / "out"

@@ -299,7 +299,8 @@ def test_corrupted_cache_entries_are_never_used(models, lora_file, reference, wa
 
 ODD_NAMES = {"CON.safetensors": "CON_.safetensors", "nul.safetensors": "nul_.safetensors",
              "line\nbreak.safetensors": "line_break.safetensors", "..\\..\\up.safetensors": "up.safetensors",
-             "weights_only.pt": "weights_only.safetensors"}
+             "weights_only.pt": "weights_only.safetensors",
+             "caf\udce9.safetensors": "caf.safetensors"}       # a Latin-1 file name: byte 0xE9 is not UTF-8
 
 
 def test_batch_converts_every_good_file_and_lists_every_failure(models, warm_cache, tmp_path, capsys):

@@ -8,6 +8,7 @@ each header field are in test_safetensors_file.py and test_lora_formats.py.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -106,6 +107,22 @@ def test_lora_file_written_without_a_folder_is_an_error_before_any_work(models, 
 
 
 # --- unusual inputs that must work ----------------------------------------------------------------------
+
+def test_output_file_name_that_is_not_utf8(models, cache_dir, tmp_path, capsys):
+    """Linux file names are bytes; Python keeps the non-UTF-8 ones as lone surrogates, which the UTF-8
+    metadata cannot hold."""
+    lora = bad.good_lora(tmp_path / "g.safetensors")
+    out = tmp_path / "caf\udce9_sdxl.safetensors"
+    code, _, err = _cli(capsys, *_transfer_args(models, lora, out, cache_dir, "--threshold", "off"))
+    assert code == 0, err
+    assert os.fsencode(out).endswith(b"caf\xe9_sdxl.safetensors") and out.is_file()
+    assert read_lora(out).metadata["ss_output_name"] == "caf\ufffd_sdxl"
+    # printing such a name (a real process: its stdout is strict UTF-8) shows the byte escaped
+    proc = subprocess.run([sys.executable, "-m", "lorax_engine", "inspect", str(out)], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "caf\\udce9_sdxl.safetensors" in proc.stdout
+
 
 def _deltas(path) -> dict[str, torch.Tensor]:
     return {k: layer.delta() for k, layer in read_lora(path).layers.items()}
