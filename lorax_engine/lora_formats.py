@@ -318,13 +318,20 @@ def to_kohya_state_dict(lora: LoraModel, architecture: str, dtype: torch.dtype =
     """kohya/SAI tensors of a LoRA: ``<name>.lora_down.weight`` [k, *weight_shape[1:]],
     ``<name>.lora_up.weight`` [m, k] (+ [1, 1] for conv weights) and a scalar ``<name>.alpha``."""
     out = {}
+    limit = torch.finfo(dtype).max
     for key in sorted(lora.layers):
         layer = lora.layers[key]
         name = canonical_to_kohya(key, architecture)
         k = layer.rank
         ws = layer.weight_shape
-        down = layer.down.reshape(k, *ws[1:])
-        up = layer.up.reshape(ws[0], k, *([1] * (len(ws) - 2)))
+        up, down = layer.up, layer.down
+        big_up, big_down = float(up.abs().max()), float(down.abs().max())
+        if max(big_up, big_down) > limit and big_up > 0 and big_down > 0:
+            # only the product counts: share the magnitude evenly so both factors fit the stored dtype
+            c = math.sqrt(big_down / big_up)
+            up, down = up * c, down / c
+        down = down.reshape(k, *ws[1:])
+        up = up.reshape(ws[0], k, *([1] * (len(ws) - 2)))
         out[f"{name}.lora_down.weight"] = down.to(dtype).contiguous()
         out[f"{name}.lora_up.weight"] = up.to(dtype).contiguous()
         out[f"{name}.alpha"] = torch.tensor(float(layer.alpha), dtype=torch.float32)
@@ -416,6 +423,10 @@ def write_lora(lora: LoraModel, path, *, architecture: str, extra_metadata: dict
     if not path.parent.is_dir():
         raise OutputPathError(f"{path}: the folder {path.parent} does not exist")
     sd = to_kohya_state_dict(lora, architecture, dtype)
+    too_large = sorted(k for k, t in sd.items() if not torch.isfinite(t).all())
+    if too_large:
+        raise LoraFileError(path, f"{len(too_large)} tensors hold values too large for {_dtype_name(sd[too_large[0]])} "
+                                  f"(e.g. {too_large[0]!r}); lower the LoRA's strength")
     # a file name that is not UTF-8 (Python keeps its bytes as lone surrogates) cannot go into the metadata as is
     md = lora_metadata(lora, architecture, os.fsencode(path.stem).decode("utf-8", "replace"), extra_metadata)
     _check_metadata(md, path)

@@ -189,3 +189,28 @@ def test_inspect_survives_hostile_trigger_word_metadata(tmp_path, capsys):
         assert code == 0, err
         words = json.loads(out)["trigger_words"]
         assert words == ([{"tag": "1girl", "count": 3}] if i == 0 else [])
+
+
+# --- writing --------------------------------------------------------------------------------------------
+
+def test_factors_beyond_float16_are_balanced_or_refused(tmp_path):
+    """fp16 files hold at most 65504: a layer whose factors overflow alone but whose product fits is stored
+    balanced (same update); one whose update itself is out of range is refused, never written as Inf."""
+    from lorax_engine.errors import LoraFileError
+    from lorax_engine.lora import LoraLayer, LoraModel
+    from lorax_engine.lora_formats import write_lora
+
+    key = "diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_q.weight"
+    g = torch.Generator().manual_seed(0)
+    up, down = torch.randn(640, 2, generator=g) * 1e6, torch.randn(2, 640, generator=g) * 1e-7
+    lora = LoraModel({key: LoraLayer(up, down, 2.0, (640, 640))}, "sdxl")
+    path = write_lora(lora, tmp_path / "balanced.safetensors", architecture="sdxl")
+    stored = read_lora(path).layers[key]
+    expected = up.double() @ down.double()
+    torch.testing.assert_close(stored.delta().double(), expected, rtol=0, atol=2e-3 * float(expected.abs().max()))
+
+    huge = LoraModel({key: LoraLayer(up * 1e4, down * 1e7, 2.0, (640, 640))}, "sdxl")
+    target = tmp_path / "huge.safetensors"
+    with pytest.raises(LoraFileError, match="tensors hold values too large for float16 .*lower the LoRA's strength"):
+        write_lora(huge, target, architecture="sdxl")
+    assert list(tmp_path.iterdir()) == [path]
