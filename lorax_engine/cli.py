@@ -17,6 +17,7 @@ from .errors import LoraXError
 COMMAND_MODULES = (
     "lorax_engine.inspect",
     "lorax_engine.cli_transfer",
+    "lorax_engine.cli_cache",
 )
 
 EXIT_USER_ERROR = 2

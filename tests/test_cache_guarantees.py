@@ -175,3 +175,21 @@ def test_processes_racing_on_one_cache_directory_never_read_a_torn_entry(tmp_pat
                          architecture="sd1")
     check.get(w, KEYS[0], SubspaceSpec(20, "exact"))
     assert (check.stats.disk_hits, check.stats.discarded) == (1, 0)
+
+
+def test_cache_command_reports_and_clears_only_its_own_folders(tmp_path, capsys):
+    from lorax_engine.cli import main
+    cache_dir = tmp_path / "cache"
+    SubspaceCache(cache_dir).get(StateDictWeights({KEYS[0]: _matrix(3).half()}, architecture="sd1"), KEYS[0], SPEC)
+    (cache_dir / "notes.txt").write_text("the user's own file")
+    size = sum(f.stat().st_size for f in _entries(cache_dir))
+    assert main(["cache", "--cache-dir", str(cache_dir)]) == 0
+    out = capsys.readouterr().out
+    assert str(cache_dir) in out and f"{size / 2**20:9.1f} MiB" in out
+    assert [line.split()[:2] for line in out.splitlines() if line.strip().startswith("bases")] == [["bases", "1"]]
+    assert main(["cache", "--cache-dir", str(cache_dir), "--clear"]) == 0
+    assert "cleared" in capsys.readouterr().out
+    assert _entries(cache_dir) == [] and (cache_dir / "notes.txt").read_text() == "the user's own file"
+    fresh = SubspaceCache(cache_dir)
+    fresh.get(StateDictWeights({KEYS[0]: _matrix(3).half()}, architecture="sd1"), KEYS[0], SPEC)
+    assert fresh.stats.computed == 1
