@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 from comfy_harness import REPO_ROOT
@@ -91,3 +92,40 @@ def test_convert_and_save_workflow_patches_like_the_stock_loader(server, zoo, co
     for key in untouched[:50]:
         torch.testing.assert_close(patched[key].float(), base[key].float(), rtol=0, atol=0)
     assert "lora key not loaded" not in server.log_text()
+
+
+def _shrink(prompt: dict) -> dict:
+    """CPU-sized run of a workflow: 64 px latents, 2 sampler steps."""
+    for node in prompt.values():
+        inputs = node["inputs"]
+        if node["class_type"] == "EmptyLatentImage":
+            inputs.update(width=64, height=64)
+        if node["class_type"] == "KSampler":
+            inputs["steps"] = 2
+    return prompt
+
+
+@pytest.mark.slow
+def test_comparison_workflow_renders_the_labelled_grid(server, zoo):
+    """The comparison workflow contains the whole text-to-image workflow (Apply -> CLIP Text Encode -> KSampler
+    -> VAE Decode) plus the stock-loader and no-LoRA columns, so it is the one rendered here (CPU time)."""
+    workflow = "lorax_compare_side_by_side"
+    # demo_sdxl: the tiny SDXL UNet with both real-size SDXL text encoders and a VAE, so every node runs
+    server.upload_model("checkpoints", zoo.checkpoint("demo_sdxl"), "demo_sdxl_full.safetensors")
+    prompt = _shrink(_api(workflow))
+    prompt["2"]["inputs"]["ckpt_name"] = "demo_sdxl_full.safetensors"
+    prompt["4"]["inputs"].update(rank=64, threshold=-1.0)
+    history = server.run_prompt(prompt, timeout=1200)
+    assert history["status"]["status_str"] == "success"
+    outputs = history["outputs"]
+    assert outputs["5"]["images"], "the similarity plot reaches the Preview Image node"
+    project = outputs["6"]["lorax"][0]
+    assert project["applied"] > 0
+    # the SD1.5 text encoder LoRA layers reach SDXL's CLIP-L (identical weights: score 1)
+    apply = outputs["7"]["lorax"][0]["lines"][0]
+    assert "text-encoder" in apply and not apply.endswith("+ 0 text-encoder weights")
+    saved = outputs["41"]["images"]
+    image_path = server.output_dir / saved[0]["subfolder"] / saved[0]["filename"]
+    with Image.open(image_path) as grid:
+        assert grid.width >= 3 * 64 and grid.height > 64     # three labelled columns, one row
+    assert "comparison_grid" in saved[0]["filename"]
