@@ -63,9 +63,14 @@ def machine(device: str) -> dict:
             "cpu_count": os.cpu_count(), "cpu": cpu, "ram_gb": round(mem, 1) if mem else None,
             "python": platform.python_version(), "platform": platform.platform(), "host": platform.node(),
             "loadavg_at_start": [round(x, 2) for x in os.getloadavg()]}
+    git = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=REPO, capture_output=True, text=True)
+    info["git"] = git.stdout.strip() or None
     if device.startswith("cuda"):
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
+
+
+CPU_SECONDS: dict[str, float] = {}   # log name -> user + system CPU seconds: on a shared machine the steadier figure
 
 
 def run_cli(argv: list[str], log: Path) -> tuple[float, float]:
@@ -76,6 +81,7 @@ def run_cli(argv: list[str], log: Path) -> tuple[float, float]:
                                 stderr=subprocess.STDOUT)
         _, status, usage = os.wait4(proc.pid, 0)
         seconds = time.perf_counter() - t0
+    CPU_SECONDS[log.stem] = usage.ru_utime + usage.ru_stime
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         sys.exit(f"bench: `lorax_engine {' '.join(argv[:1])}` failed ({proc.returncode}); see {log}:\n"
@@ -305,6 +311,7 @@ def main(argv=None) -> int:
         say("sampling-step cost (tiny SDXL in ComfyUI)")
         result.update(step_cost(lora_paths[0], work, args.device, min(rank, 64), steps=3 if args.quick else 8,
                                 rounds=2 if args.quick else 3))
+    result["cpu_s"] = {k: round(v, 1) for k, v in CPU_SECONDS.items()}
     result["machine"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
     result["total_s"] = round(time.perf_counter() - t_all, 1)
     result["targets_met"] = {k: (result[k] >= b if op == ">=" else result[k] <= b)
