@@ -15,13 +15,12 @@ from __future__ import annotations
 import json
 import pickle
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import lora_factory as lf
 import torch
-from safetensors.torch import save_file
 
 SOURCE_MODEL = "tiny_sd15"
 TARGET_MODEL = "tiny_sdxl"

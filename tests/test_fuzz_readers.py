@@ -18,12 +18,12 @@ import struct
 from pathlib import Path
 
 import lora_factory as lf
-import lorax_zoo
 import pytest
 import torch
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import lorax_zoo
 from lorax_engine.errors import LoraXError, OutputPathError
 from lorax_engine.keys import module_to_canonical, split_key
 from lorax_engine.lora import LoraModel

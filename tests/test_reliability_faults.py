@@ -20,9 +20,9 @@ import bad_inputs as bad
 import pytest
 import safetensors.torch
 import torch
+from comfy_harness import REPO_ROOT
 from safetensors.torch import load_file, save_file
 
-from comfy_harness import REPO_ROOT
 from lorax_engine.cli import main
 from lorax_engine.lora_formats import read_lora
 from lorax_engine.safetensors_file import SafetensorsFile
@@ -251,11 +251,10 @@ def _swap_contents(cache):
     for item in _load_entries(cache):
         groups.setdefault(tuple((k, tuple(t.shape)) for k, t in sorted(item[1].items())), []).append(item)
     swapped = 0
-    for group in groups.values():
-        for (entry, _, meta), (_, tensors, _) in zip(group, group[1:] + group[:1]):
-            if len(group) > 1:
-                save_file(tensors, str(entry), metadata=meta)
-                swapped += 1
+    for group in (g for g in groups.values() if len(g) > 1):
+        for (entry, _, meta), (_, tensors, _) in zip(group, group[1:] + group[:1], strict=True):
+            save_file(tensors, str(entry), metadata=meta)
+            swapped += 1
     assert swapped > 10
 
 
@@ -344,9 +343,9 @@ def test_two_processes_sharing_one_cache_directory(models, reference, tmp_path):
     outs = [tmp_path / f"out{i}.safetensors" for i in range(2)]
     procs = [subprocess.Popen([sys.executable, "-m", "lorax_engine", *_args(models, lora, out, cache)],
                               cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for lora, out in zip(loras, outs)]
+             for lora, out in zip(loras, outs, strict=True)]
     results = [p.communicate(timeout=600) for p in procs]
-    for proc, (stdout, stderr) in zip(procs, results):
+    for proc, (_stdout, stderr) in zip(procs, results, strict=True):
         assert proc.returncode == 0, stderr
     for out in outs:
         assert_same_tensors(out, reference)

@@ -15,9 +15,9 @@ import sys
 import bad_inputs as bad
 import pytest
 import torch
+from comfy_harness import REPO_ROOT
 from safetensors.torch import load_file
 
-from comfy_harness import REPO_ROOT
 from lorax_engine.cli import main
 from lorax_engine.lora_formats import MAX_METADATA_VALUE_CHARS, read_lora
 

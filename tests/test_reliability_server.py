@@ -21,9 +21,9 @@ import uuid
 import bad_inputs as bad
 import pytest
 import torch
+from comfy_harness import PromptError
 from safetensors.torch import load_file
 
-from comfy_harness import PromptError
 from lorax_engine.base_weights import CheckpointWeights
 from lorax_engine.lora_formats import read_lora
 from lorax_engine.safetensors_file import SafetensorsFile
