@@ -25,10 +25,10 @@ Policies pick among the candidates by normalised similarity score (``score >= th
 
 Default threshold 0.05, on the chance-normalised score. Chance-level scores of independent r-dimensional
 subspaces of R^d have standard deviation about sqrt(2) / (d - r): <= 0.0044 for every SD width at r = 320
-(d >= 640), and the best of 30 candidates sits ~2 sd above 0. On the zoo's independent SD1.5 and SDXL
-UNets the best candidate of every layer scored below 0.012 (tests/test_matching.py), while a fine-tune
-scores > 0.9 and identical layers 1.0. 0.05 thus rejects chance with a wide margin yet keeps any layer
-with real shared structure.
+(d >= 640), and the best of 30 candidates sits ~2 sd above 0. Measured on the zoo's independent SD1.5 and
+SDXL UNets (a full-coverage rank-32 LoRA, 1714 candidate pairs): every score lay in [-0.0075, 0.0031],
+while a fine-tune (3% drift) scores 0.97-0.98 and identical layers 1.0 (tests/test_transfer.py). 0.05 is
+thus 15x the highest chance score seen, yet keeps any layer with real shared structure.
 """
 from __future__ import annotations
 

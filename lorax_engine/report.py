@@ -3,8 +3,11 @@
 Every source layer of the LoRA gets a :class:`LayerRecord` with every target layer considered for it
 (:class:`CandidateRecord`: raw phi_U / phi_V, chance levels, normalised scores, energy kept, applied or
 the reason not). ``energy_kept`` of a candidate is the fraction of ``||ΔW||_F^2`` its projection keeps
-(before strength); a layer's is the mean over the targets it was applied to (0 when dropped), and the
-summary's is the ΔW-energy-weighted mean over all source layers.
+(before strength): exact for applied candidates; for the others it is filled in from the scoring basis
+when that basis was computed in the same run, and None when the similarity came from the cache (reading
+every candidate's basis back only for this would make a warm run ~10x slower). A layer's energy kept is
+the mean over the targets it was applied to (0 when dropped); the summary's is the ΔW-energy-weighted
+mean over all source layers.
 """
 from __future__ import annotations
 

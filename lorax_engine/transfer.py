@@ -221,9 +221,10 @@ def _score(smap: SubspaceMap, keys: list[str], lora: LoraModel | None, progress:
         for s in stages[stage]:
             entry = smap.entries[s]
             fp_s = source.fingerprint(s)
-            lfp = layer_fingerprint(lora.layers[s]) if lora is not None else None
-            if lfp is not None and entry.energy_layer != lfp:
-                entry.energy_layer, entry.energies = lfp, {}
+            if lora is not None:
+                lfp = layer_fingerprint(lora.layers[s])
+                if entry.energy_layer != lfp:
+                    entry.energy_layer, entry.energies = lfp, {}
             for t, _ in entry.candidates.targets:
                 if t not in entry.similarities:
                     sim = store.get(fp_s, target.fingerprint(t), spec_id)
@@ -231,7 +232,11 @@ def _score(smap: SubspaceMap, keys: list[str], lora: LoraModel | None, progress:
                         need_pair.setdefault(t, []).append(s)
                     else:
                         entry.similarities[t] = sim
-                if t in need_pair and s in need_pair[t] or (lfp is not None and t not in entry.energies):
+        # a target basis is fetched only to score a pair; while it is at hand, the energy every LoRA layer
+        # of the stage would keep on it is recorded too (warm runs do not read every basis just for that)
+        for s in stages[stage]:
+            for t, _ in smap.entries[s].candidates.targets:
+                if t in need_pair:
                     by_target.setdefault(t, []).append(s)
         sources_needed = sorted({s for ss in need_pair.values() for s in ss})
         plans.append((sources_needed, need_pair, by_target))

@@ -281,3 +281,13 @@ def test_digest_memo_is_reused_and_invalidated_by_any_rewrite(tmp_path):
         assert w.fingerprint(key) != digest and w.read_seconds > 0.0
     with CheckpointWeights(path, fingerprint_dir=memo, rehash=True) as w:
         assert w.fingerprint(key) == tensor_fingerprint(torch.zeros(4, 4).half())
+
+
+def test_a_weight_with_nan_is_a_clear_error_not_a_cached_basis(tmp_path):
+    w = spectral_matrix(32, 24, _gen(0))
+    w[3, 4] = float("nan")
+    weights = StateDictWeights({KEY: w}, architecture="sd1", name="broken.safetensors")
+    cache = SubspaceCache(tmp_path)
+    with pytest.raises(LoraFileError, match="broken.safetensors.*diffusion_model.x.weight holds NaN"):
+        cache.get(weights, KEY, SPEC)
+    assert not _entries(tmp_path)
