@@ -186,8 +186,7 @@ def _plan_entries(smap: SubspaceMap, keys, lora: LoraModel | None):
     for key in keys:
         fits = key in smap.source
         if fits and lora is not None:
-            layer = lora.layers[key]
-            fits = matrix_shape(smap.source.shape(key)) == (layer.up.shape[0], math.prod(layer.down.shape[1:]))
+            fits = _fits(lora.layers[key], smap.source.shape(key))
         if not fits:
             ref = parse_key(key) or LayerRef(key, "other", "other", (99,), None, key)
             smap.entries[key] = MapEntry(Candidates(ref, tuple(lora.layers[key].weight_shape) if lora else (),
@@ -269,6 +268,19 @@ def _score(smap: SubspaceMap, keys: list[str], lora: LoraModel | None, progress:
     return total
 
 
+def _fits(layer: LoraLayer, source_shape) -> bool:
+    return bool(source_shape) and matrix_shape(source_shape) == (layer.up.shape[0], math.prod(layer.down.shape[1:]))
+
+
+def _check_fits(lora: LoraModel, source, reasons: list):
+    if reasons and all(r == DROP_NOT_IN_SOURCE for r in reasons):
+        where = f" ({lora.source_path})" if lora.source_path else ""
+        raise IncompatibleLoraError(
+            f"LoRA{where} does not fit the source model {source.name}: none of its {len(reasons)} layers exists "
+            f"there with the same shape (LoRA architecture {lora.architecture!r}, source model "
+            f"{source.architecture!r}); the source model must be the one the LoRA was trained on")
+
+
 def compute_similarity_map(source, target, options: TransferOptions | None = None, *, lora: LoraModel | None = None,
                            source_keys=None, cache: SubspaceCache | None = None, progress: Progress = None,
                            should_stop: ShouldStop = None, _extra_total: int = 0) -> SubspaceMap:
@@ -284,12 +296,8 @@ def compute_similarity_map(source, target, options: TransferOptions | None = Non
     else:
         keys = list(source_keys) if source_keys is not None else default_source_keys(source)
     _plan_entries(smap, keys, lora)
-    if lora is not None and keys and all(smap.entries[k].candidates.reason == DROP_NOT_IN_SOURCE for k in keys):
-        where = f" ({lora.source_path})" if lora.source_path else ""
-        raise IncompatibleLoraError(
-            f"LoRA{where} does not fit the source model {source.name}: none of its {len(keys)} layers exists there "
-            f"with the same shape (LoRA architecture {lora.architecture!r}, source model {source.architecture!r}); "
-            "the source model must be the one the LoRA was trained on")
+    if lora is not None:
+        _check_fits(lora, source, [smap.entries[k].candidates.reason for k in keys])
     if options.mode != "direct":
         smap.steps = _score(smap, keys, lora, progress, should_stop, extra_total=_extra_total)
     smap.seconds = time.perf_counter() - t0
@@ -344,8 +352,9 @@ def project(lora: LoraModel, subspace_map: SubspaceMap, options: TransferOptions
         rec = LayerRecord(key, cands.stage, cands.source.block, cands.source.role, list(layer.weight_shape),
                           layer.rank, layer.energy())
         records[key] = rec
-        if cands.reason:
-            rec.reason = cands.reason
+        if cands.reason or not _fits(layer, cands.source_shape):
+            # a map scored without this LoRA knows the source's shapes, not the LoRA's
+            rec.reason = cands.reason or DROP_NOT_IN_SOURCE
             continue
         if opts.mode == "direct":
             chosen, reasons = {cands.targets[0][0]: 1.0}, {}
@@ -367,6 +376,7 @@ def project(lora: LoraModel, subspace_map: SubspaceMap, options: TransferOptions
         else:
             rec.reason = DROP_BELOW_THRESHOLD
 
+    _check_fits(lora, source, [r.reason for r in records.values()])
     proj_spec = opts.projection_spec()
     out_layers: dict[str, LoraLayer] = {}
     targets: list[TargetRecord] = []

@@ -402,3 +402,20 @@ def test_output_rank_cap_recompresses_merged_layers(finetune_pair, cache):
     torch.testing.assert_close(capped.layers[key].delta().double(), (u[:, :3] * s[:3]) @ vh[:3], rtol=1e-3,
                                atol=1e-6)
     assert rep.targets[0].cap_energy_kept == pytest.approx(float((s[:3] ** 2).sum() / (s ** 2).sum()), rel=1e-4)
+
+
+def test_split_map_then_project_checks_the_lora_against_the_source(finetune_pair, cache):
+    base, _ = finetune_pair
+    good = "diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_q.weight"
+    odd = "diffusion_model.input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight"   # [640, 768] in SD1.5
+    smap = compute_similarity_map(base, base, TransferOptions(method="exact"), source_keys=[good, odd], cache=cache)
+    assert smap.entries[good].energies == {}                     # scored without a LoRA
+    wrong = LoraLayer(torch.randn(640, 2), torch.randn(2, 2048), 2.0, (640, 2048))      # an SDXL-shaped k
+    lora = LoraModel({good: _lora([good]).layers[good], odd: wrong}, "sd1")
+    out, report = project(lora, smap)
+    assert sorted(out.layers) == [good]
+    assert {r.source_key: r.reason for r in report.layers} == {good: None, odd: "not in source model"}
+    applied = next(r for r in report.layers if r.source_key == good)
+    assert [c.energy_kept is not None for c in applied.candidates] == [c.applied for c in applied.candidates]
+    with pytest.raises(IncompatibleLoraError, match="does not fit the source model"):
+        project(LoraModel({odd: wrong}, "sdxl"), smap)
