@@ -227,6 +227,9 @@ class SubspaceCache:
     directory: Path | None = None
     memory_bytes: int = DEFAULT_MEMORY_BYTES
     stats: CacheStats = field(default_factory=CacheStats)
+    # layer-pair similarities (similarity.PairStore over the same directory), created on first use by the
+    # transfer; kept here so one cache object also reuses pair scores across transfers in memory
+    pairs: object = field(default=None, repr=False)
 
     def __post_init__(self):
         self.directory = Path(self.directory).expanduser() if self.directory is not None else None

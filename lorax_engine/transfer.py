@@ -202,7 +202,9 @@ def _score(smap: SubspaceMap, keys: list[str], lora: LoraModel | None, progress:
     """Similarities (and, with a LoRA, screening energies) for ``keys``, stage by stage."""
     spec = smap.options.screening_spec()
     spec_id = f"v{ALGORITHM_VERSION}|{spec.describe()}"
-    store = PairStore(smap.cache.directory)
+    if smap.cache.pairs is None:
+        smap.cache.pairs = PairStore(smap.cache.directory)
+    store = smap.cache.pairs
     source, target, cache = smap.source, smap.target, smap.cache
 
     stages: dict[tuple, list[str]] = {}
