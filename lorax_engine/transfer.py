@@ -220,6 +220,8 @@ def _score(smap: SubspaceMap, keys: list[str], lora: LoraModel | None, progress:
         need_pair: dict[str, list[str]] = {}
         by_target: dict[str, list[str]] = {}
         for s in stages[stage]:
+            if should_stop is not None and should_stop():      # hashing a stage's weights takes seconds
+                raise TransferCancelled("transfer cancelled")
             entry = smap.entries[s]
             fp_s = source.fingerprint(s)
             if lora is not None:
