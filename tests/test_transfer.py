@@ -16,6 +16,7 @@ from lorax_engine.errors import IncompatibleLoraError, TransferOptionError
 from lorax_engine.lora import LoraLayer, LoraModel
 from lorax_engine.lora_formats import read_lora, write_lora
 from lorax_engine.matching import DEFAULT_THRESHOLD
+from lorax_engine.projection import project_subspace
 from lorax_engine.subspaces import SubspaceCache
 from lorax_engine.transfer import (TransferCancelled, TransferOptions, compute_similarity_map, project,
                                    transfer)
@@ -420,3 +421,18 @@ def test_split_map_then_project_checks_the_lora_against_the_source(finetune_pair
     assert [c.energy_kept is not None for c in applied.candidates] == [c.applied for c in applied.candidates]
     with pytest.raises(IncompatibleLoraError, match="does not fit the source model"):
         project(LoraModel({odd: wrong}, "sdxl"), smap)
+
+
+def test_several_source_layers_on_one_target_are_summed_on_concatenated_factors(finetune_pair, cache):
+    base, _ = finetune_pair
+    keys = [f"diffusion_model.input_blocks.{b}.1.transformer_blocks.0.attn1.to_q.weight" for b in (4, 5)]
+    lora = _lora(keys, rank=3, seed=9, alpha=1.5)
+    out, report = transfer(lora, base, base, TransferOptions(method="exact", policy="all-above-threshold",
+                                                             threshold=-math.inf), cache=cache)
+    assert sorted(out.layers) == keys and all(len(t.sources) == 2 for t in report.targets)
+    for t in keys:
+        basis = cache.get(base, t, TransferOptions().projection_spec())
+        expected = sum(project_subspace(lora.layers[s], basis, (640, 640)).delta().double() for s in keys)
+        got = out.layers[t]
+        assert got.rank == 6 and got.alpha == 6.0
+        torch.testing.assert_close(got.delta().double(), expected, rtol=1e-5, atol=1e-8)
