@@ -140,7 +140,7 @@ def lora_from_state_dict(sd: dict[str, torch.Tensor], metadata: dict[str, str] |
         module = modules[c]
         for k in keys.values():
             t = sd[k]
-            if t.is_floating_point() and not torch.isfinite(t).all():
+            if t.is_floating_point() and not torch.isfinite(t.float()).all():   # float() also for float8
                 fail(f"layer {module!r}: tensor {k!r} contains NaN or Inf values")
         alpha = _alpha(sd, keys, module, fail)
         factors = {part: sd[k] for part, k in keys.items() if part != "alpha"}
@@ -155,12 +155,12 @@ def lora_from_state_dict(sd: dict[str, torch.Tensor], metadata: dict[str, str] |
         elif any(p.startswith("hada_") for p in factors):
             kinds.add("loha")
             delta = _loha_delta(factors, alpha, module, fail)
-            layers[c], kept = _refactor(delta, c, arch)
+            layers[c], kept = _refactor(delta, c, arch, module, fail)
             refactored.append((c, layers[c].rank, kept))
         elif any(p.startswith("lokr_") for p in factors):
             kinds.add("lokr")
             delta = _lokr_delta(factors, alpha, module, fail)
-            layers[c], kept = _refactor(delta, c, arch)
+            layers[c], kept = _refactor(delta, c, arch, module, fail)
             refactored.append((c, layers[c].rank, kept))
         else:
             fail(f"layer {module!r} has an alpha but no weights")
@@ -290,11 +290,18 @@ def _lokr_delta(f, alpha, module, fail) -> torch.Tensor:
              + ", ".join(f"{p} {list(f[p].shape)}" for p in sorted(f)))
 
 
-def _refactor(delta: torch.Tensor, canonical: str, arch: str) -> tuple[LoraLayer, float]:
+def _refactor(delta: torch.Tensor, canonical: str, arch: str, module: str, fail) -> tuple[LoraLayer, float]:
     """Smallest-rank LoRA keeping >= REFACTOR_ENERGY of ||ΔW||_F^2, and the share actually kept."""
+    if delta.ndim < 2 or delta.numel() == 0:
+        fail(f"layer {module!r}: its factors make a {list(delta.shape)} update, not a weight")
+    if not torch.isfinite(delta).all():
+        fail(f"layer {module!r}: its update overflows (values too large to multiply out)")
     shape = _weight_shape(tuple(delta.shape), canonical, arch)
     mat = delta.reshape(delta.shape[0], -1).double()
-    u, s, vh = torch.linalg.svd(mat, full_matrices=False)
+    try:
+        u, s, vh = torch.linalg.svd(mat, full_matrices=False)
+    except torch.linalg.LinAlgError:
+        fail(f"layer {module!r}: its update cannot be factorised (the SVD did not converge)")
     energy = s.square()
     total = float(energy.sum())
     if total == 0.0:
