@@ -31,6 +31,9 @@ from lorax_engine.lora_formats import lora_from_state_dict, read_lora
 from lorax_engine.output_names import sanitize_stem, unique_output_path
 from lorax_engine.safetensors_file import DTYPES
 
+# the strategies sample from thousands of real module names: their repr is long, and that is all it is
+pytestmark = pytest.mark.filterwarnings("ignore:Generating overly large repr")
+
 EXAMPLES = int(os.environ.get("LORAX_FUZZ_EXAMPLES", "300"))
 FUZZ = settings(
     max_examples=EXAMPLES,
