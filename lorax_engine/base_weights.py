@@ -26,8 +26,9 @@ import json
 import os
 import re
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import torch
 
@@ -268,7 +269,7 @@ class CheckpointWeights:
 
 def open_base_model(source, fingerprint_dir=None, rehash: bool = False) -> BaseModelWeights:
     """A provider for a checkpoint path, a canonical-key mapping, or an object that already is one."""
-    if isinstance(source, (str, os.PathLike)):
+    if isinstance(source, str | os.PathLike):
         return CheckpointWeights(source, fingerprint_dir=fingerprint_dir, rehash=rehash)
     if isinstance(source, Mapping):
         return StateDictWeights(source)

@@ -30,7 +30,6 @@ from .safetensors_file import PICKLE_SUFFIXES
 from .subspaces import DEFAULT_RANK, SubspaceCache, default_cache_dir
 from .transfer import TransferOptions, compute_similarity_map, transfer
 
-
 LORA_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)   # what ``batch`` picks up in a folder
 
 

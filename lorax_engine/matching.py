@@ -200,7 +200,7 @@ class TargetIndex:
 def check_policy(policy: str, threshold: float):
     if policy not in POLICIES:
         raise TransferOptionError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
-    if not isinstance(threshold, (int, float)) or threshold != threshold or threshold > 1:
+    if not isinstance(threshold, int | float) or threshold != threshold or threshold > 1:
         raise TransferOptionError(f"threshold must be a number <= 1 (normalised score; -inf applies every "
                                   f"candidate), got {threshold!r}")
 

@@ -64,7 +64,7 @@ def plot_similarity(rows: list[dict], threshold: float | None = None, title: str
         if shade:
             draw.rectangle([left + i * col, top, left + (i + 1) * col, top + plot_h], fill=SHADE)
     starts = [i for i, r in enumerate(rows) if i == 0 or _group(r["side"]) != _group(rows[i - 1]["side"])]
-    for a, b in zip(starts, starts[1:] + [len(rows)]):
+    for a, b in zip(starts, starts[1:] + [len(rows)], strict=False):
         x0, x1 = left + a * col, left + b * col
         name = GROUPS[_group(rows[a]["side"])][0]
         draw.text(((x0 + x1) / 2 - 3 * len(name), top - 14), name, fill=TEXT, font=font)

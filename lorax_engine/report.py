@@ -101,7 +101,7 @@ class Report:
         return text
 
     @classmethod
-    def from_dict(cls, data: dict) -> "Report":
+    def from_dict(cls, data: dict) -> Report:
         data = {k: v for k, v in data.items() if k != "summary"}
         layers = []
         for layer in data.pop("layers", []):

@@ -56,7 +56,7 @@ class LayerSimilarity:
                 self.v.phi, self.v.chance, self.v.normalised, self.v.informative]
 
     @classmethod
-    def from_list(cls, x) -> "LayerSimilarity":
+    def from_list(cls, x) -> LayerSimilarity:
         return cls(SideScore(float(x[0]), float(x[1]), float(x[2]), bool(x[3])),
                    SideScore(float(x[4]), float(x[5]), float(x[6]), bool(x[7])))
 

@@ -82,7 +82,7 @@ class SubspaceSpec:
         if self.oversample < 0 or self.power_iters < 0:
             raise TransferOptionError("oversample and power_iters must be >= 0")
 
-    def effective(self, m: int, n: int) -> "SubspaceSpec":
+    def effective(self, m: int, n: int) -> SubspaceSpec:
         """The spec actually used for an ``[m, n]`` weight: the rank clipped to min(m, n), and exact
         wherever a sketch would be as large as the weight itself."""
         d = min(m, n)
@@ -337,7 +337,7 @@ class SubspaceCache:
 
 def _checksum(tensors: dict[str, torch.Tensor]) -> str:
     """sha256 of an entry's tensors: catches damage that leaves the shapes and unit columns intact."""
-    from .base_weights import tensor_fingerprint   # local: keeps this module importable on its own
+    from .base_weights import tensor_fingerprint  # local: keeps this module importable on its own
 
     return hashlib.sha256("|".join(f"{k}={tensor_fingerprint(t)}" for k, t in sorted(tensors.items())).encode()
                           ).hexdigest()

@@ -20,18 +20,38 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
-from typing import Callable
 
 import torch
 
 from .base_weights import tensor_fingerprint
 from .errors import IncompatibleLoraError, LoraXError, TransferOptionError
 from .lora import LoraLayer, LoraModel
-from .matching import (DEFAULT_POLICY, DEFAULT_THRESHOLD, DROP_BELOW_THRESHOLD, DROP_NOT_IN_SOURCE,
-                       KNOWN_ROLES, Candidates, LayerRef, TargetIndex, check_policy, parse_key, select)
-from .projection import (DEFAULT_MODE, check_mode, combine, compress, energy_fraction, project_direct,
-                         project_null, project_subspace, projected_energy)
+from .matching import (
+    DEFAULT_POLICY,
+    DEFAULT_THRESHOLD,
+    DROP_BELOW_THRESHOLD,
+    DROP_NOT_IN_SOURCE,
+    KNOWN_ROLES,
+    Candidates,
+    LayerRef,
+    TargetIndex,
+    check_policy,
+    parse_key,
+    select,
+)
+from .projection import (
+    DEFAULT_MODE,
+    check_mode,
+    combine,
+    compress,
+    energy_fraction,
+    project_direct,
+    project_null,
+    project_subspace,
+    projected_energy,
+)
 from .report import CandidateRecord, LayerRecord, Report, TargetRecord
 from .similarity import LayerSimilarity, PairStore, layer_similarity, similarity_dict
 from .subspaces import ALGORITHM_VERSION, DEFAULT_RANK, CacheStats, SubspaceCache, SubspaceSpec, matrix_shape

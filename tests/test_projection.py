@@ -8,8 +8,17 @@ import torch
 
 from lorax_engine.errors import TransferOptionError
 from lorax_engine.lora import LoraLayer
-from lorax_engine.projection import (check_mode, combine, compress, embed_down, energy_fraction, project_direct,
-                                     project_null, project_subspace, projected_energy)
+from lorax_engine.projection import (
+    check_mode,
+    combine,
+    compress,
+    embed_down,
+    energy_fraction,
+    project_direct,
+    project_null,
+    project_subspace,
+    projected_energy,
+)
 from lorax_engine.subspaces import Basis
 
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import functools
 import math
 
+import lora_factory
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-import lora_factory
 from lorax_engine.base_weights import CheckpointWeights, StateDictWeights
 from lorax_engine.errors import IncompatibleLoraError, TransferOptionError
 from lorax_engine.lora import LoraLayer, LoraModel
@@ -18,11 +18,11 @@ from lorax_engine.lora_formats import read_lora, write_lora
 from lorax_engine.matching import DEFAULT_THRESHOLD
 from lorax_engine.projection import project_subspace
 from lorax_engine.subspaces import SubspaceCache
-from lorax_engine.transfer import (TransferCancelled, TransferOptions, compute_similarity_map, project,
-                                   transfer)
+from lorax_engine.transfer import TransferCancelled, TransferOptions, compute_similarity_map, project, transfer
 
 UNET = "diffusion_model."
-SD15_FILE_PREFIX = {"diffusion_model.": "model.diffusion_model.", "clip_l.transformer.": "cond_stage_model.transformer."}
+SD15_FILE_PREFIX = {"diffusion_model.": "model.diffusion_model.",
+                    "clip_l.transformer.": "cond_stage_model.transformer."}
 
 # Layers of every kind the method treats differently, all in stages with few candidates (fast to score).
 SELF_KEYS = [
@@ -64,7 +64,7 @@ def _lora(keys, rank=8, seed=0, alpha=4.0) -> LoraModel:
     return LoraModel({k: LoraLayer(f.up, f.down, alpha, f.shape) for k, f in factors.items()}, "sd1")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _svd64(path, canonical):
     """Independent reference: full float64 SVD of the checkpoint's weight, read with the safetensors library
     (not regenerated: zoo.weight() can differ from the file in the last fp16 bit with another thread count)."""
@@ -194,8 +194,8 @@ def test_fast_method_agrees_with_exact_on_zoo_weights(finetune_pair, cache):
     exact_out, exact_rep = transfer(lora, base, tuned, TransferOptions(method="exact"), cache=cache)
     fast_out, fast_rep = transfer(lora, base, tuned, TransferOptions(method="fast"), cache=cache)
     worst = 0.0
-    for re_, rf in zip(exact_rep.layers, fast_rep.layers):
-        for ce, cf in zip(re_.candidates, rf.candidates):
+    for re_, rf in zip(exact_rep.layers, fast_rep.layers, strict=False):
+        for ce, cf in zip(re_.candidates, rf.candidates, strict=False):
             assert ce.target_key == cf.target_key
             worst = max(worst, abs(ce.similarity["score"] - cf.similarity["score"]))
     assert worst <= 0.01
@@ -313,7 +313,7 @@ def test_sd15_to_sdxl_report_agrees_with_output_and_progress_is_complete(xl_tran
             assert c.similarity["chance_v"] == pytest.approx(min(1.0, 320 / n))
     # progress ends complete and never goes back
     assert steps[-1][0] == steps[-1][1]
-    assert all(a[0] <= b[0] for a, b in zip(steps, steps[1:]))
+    assert all(a[0] <= b[0] for a, b in zip(steps, steps[1:], strict=False))
 
 
 def test_same_lora_in_every_spelling_gives_the_same_result(sd15, sdxl, cache, tmp_path):

@@ -5,12 +5,12 @@ import json
 import subprocess
 import sys
 
+import lora_factory
 import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-import lora_factory
 from lorax_engine.base_weights import CheckpointWeights
 from lorax_engine.cli import main
 from lorax_engine.lora_formats import read_lora
