@@ -170,6 +170,8 @@ class SafetensorsFile:
         shape = info.get("shape")
         if not isinstance(shape, list) or not all(type(s) is int and s >= 0 for s in shape):
             self._fail(f"corrupt safetensors header: tensor {key!r} has an invalid shape {shape!r}")
+        if math.prod(max(s, 1) for s in shape) * itemsize >= 2**62:   # even an empty one: torch's strides overflow
+            self._fail(f"corrupt safetensors header: tensor {key!r} has an absurd shape {shape}")
         offsets = info.get("data_offsets")
         if (not isinstance(offsets, list) or len(offsets) != 2
                 or not all(type(o) is int and o >= 0 for o in offsets) or offsets[1] < offsets[0]):

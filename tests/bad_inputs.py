@@ -168,7 +168,10 @@ LORA_CASES: dict[str, BadInput] = {
     "truncated.safetensors": BadInput(lambda p: _truncated(p, good_lora), "download is probably incomplete"),
     "absurd_tensor_size.safetensors": BadInput(
         lambda p: raw_safetensors(p, {f"{Q}.lora_up.weight": _entry("F16", (2**40, 2**40), (0, 2 * 2**80))}),
-        "header says 2417851639229258349412352 bytes of tensor data"),
+        "has an absurd shape [1099511627776, 1099511627776]"),
+    "empty_tensor_absurd_shape.safetensors": BadInput(
+        lambda p: raw_safetensors(p, {f"{Q}.lora_up.weight": _entry("F32", (0, 2**40, 2**40), (0, 0))}),
+        "has an absurd shape [0, 1099511627776, 1099511627776]"),
     "offsets_past_end.safetensors": BadInput(
         lambda p: raw_safetensors(p, {f"{Q}.lora_up.weight": _entry("F32", (1000,), (0, 4000))}, b"\0" * 16),
         "header says 4000 bytes of tensor data but the file holds 16"),
