@@ -242,6 +242,8 @@ def _loha_delta(f, alpha, module, fail) -> torch.Tensor:
     missing = [p for p in need if p not in f]
     if missing or (("hada_t1" in f) != ("hada_t2" in f)):
         fail(f"LoHa layer {module!r} is incomplete (missing {', '.join(missing) or 'hada_t1/hada_t2 pair'})")
+    if any(f[p].ndim != 2 for p in need):
+        fail(f"LoHa layer {module!r}: its w1/w2 factors must be matrices: {_shapes(f)}")
     w1a, w1b, w2a, w2b = (f[p].float() for p in need)
     rank = w1b.shape[0]
     if rank == 0:
@@ -255,8 +257,11 @@ def _loha_delta(f, alpha, module, fail) -> torch.Tensor:
             m1, m2 = w1a @ w1b, w2a @ w2b
         return m1 * m2 * scale
     except RuntimeError:
-        fail(f"LoHa layer {module!r}: factor shapes do not fit together: "
-             + ", ".join(f"{p} {list(f[p].shape)}" for p in sorted(f)))
+        fail(f"LoHa layer {module!r}: factor shapes do not fit together: {_shapes(f)}")
+
+
+def _shapes(f) -> str:
+    return ", ".join(f"{p} {list(f[p].shape)}" for p in sorted(f))
 
 
 def _lokr_delta(f, alpha, module, fail) -> torch.Tensor:
@@ -285,9 +290,8 @@ def _lokr_delta(f, alpha, module, fail) -> torch.Tensor:
         return torch.kron(w1, w2) * scale
     except KeyError as err:
         fail(f"LoKr layer {module!r} is incomplete (missing {err.args[0]})")
-    except RuntimeError:
-        fail(f"LoKr layer {module!r}: factor shapes do not fit together: "
-             + ", ".join(f"{p} {list(f[p].shape)}" for p in sorted(f)))
+    except (RuntimeError, IndexError):    # IndexError: a factor of too few dimensions
+        fail(f"LoKr layer {module!r}: factor shapes do not fit together: {_shapes(f)}")
 
 
 def _refactor(delta: torch.Tensor, canonical: str, arch: str, module: str, fail) -> tuple[LoraLayer, float]:

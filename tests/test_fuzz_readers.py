@@ -247,6 +247,8 @@ _TE_Q = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
 # found by the long run: LoKr factors whose product is a scalar, empty, or overflows float32 (the SVD then failed)
 @example(sd={"conv_in.lokr_w1": torch.tensor(0.05), "conv_in.lokr_w2": torch.tensor(-0.05)}, with_metadata=False)
 @example(sd={"conv_in.lokr_w1": torch.tensor(0.05), "conv_in.lokr_w2": torch.tensor([])}, with_metadata=False)
+@example(sd={"conv_in.lokr_w1": torch.tensor(0.05), "conv_in.lokr_w2": torch.zeros(0, 0, 0, 0)}, with_metadata=False)
+@example(sd={f"conv_in.hada_{p}": torch.tensor(0.05) for p in ("w1_a", "w1_b", "w2_a", "w2_b")}, with_metadata=False)
 @example(sd={f"{_TE_Q}.lokr_w1": torch.full((4, 4), 1e30), f"{_TE_Q}.lokr_w2": torch.full((192, 192), 1e30)},
          with_metadata=False)
 def test_state_dicts_of_random_keys_and_shapes(sd, with_metadata):
