@@ -143,6 +143,31 @@ def test_mutated_lora_files(scratch, templates, data):
     _read(path)
 
 
+@pytest.fixture(scope="module")
+def pickle_template(scratch):
+    path = scratch / "template.pt"
+    torch.save(lf.lora_state_dict(lf.random_factors("sd1", rank=2, targets=lf.TARGETS["sd1"][:2]), "sd1", "kohya"),
+               str(path))
+    assert isinstance(_read(path), LoraModel)
+    return path.read_bytes()
+
+
+@FUZZ
+@given(data=st.data())
+def test_mutated_weights_only_pickles(scratch, pickle_template, data):
+    """A .pt LoRA goes through torch.load(weights_only=True): damaged zips and pickles must be refused cleanly."""
+    path = scratch / "mutated.pt"
+    blob = bytearray(pickle_template)
+    for _ in range(data.draw(st.integers(1, 4), label="mutations")):
+        pos = data.draw(st.integers(0, len(blob) - 1), label="position")
+        if data.draw(st.booleans(), label="truncate"):
+            del blob[max(pos, 1):]
+        else:
+            blob[pos] = data.draw(st.integers(0, 255), label="byte")
+    path.write_bytes(bytes(blob))
+    _read(path)
+
+
 # --- generated headers ------------------------------------------------------------------------------
 
 # real module names of several schemes (ComfyUI's own key map), plus near misses
