@@ -217,12 +217,12 @@ class SafetensorsFile:
     def _read(self, begin: int, nbytes: int, dtype: torch.dtype, shape) -> torch.Tensor:
         if nbytes == 0:
             return torch.empty(shape, dtype=dtype)
-        buf = bytearray(nbytes)
+        buf = torch.empty(nbytes, dtype=torch.uint8)    # not zero-filled: readinto overwrites it all
         self._fh.seek(self._data_start + begin)
-        got = self._fh.readinto(buf)
+        got = self._fh.readinto(buf.numpy())
         if got != nbytes:
             self._fail(f"truncated while reading tensor data (wanted {nbytes} bytes, got {got})")
-        return torch.frombuffer(buf, dtype=torch.uint8).view(dtype).reshape(shape)
+        return buf.view(dtype).reshape(shape)
 
     def get(self, key, device="cpu") -> torch.Tensor:
         """The tensor ``key``, read from disk now (only its own bytes)."""
