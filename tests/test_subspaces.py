@@ -74,7 +74,7 @@ def test_randomized_basis_accuracy_on_a_decaying_spectrum():
     default = SubspaceSpec(r, "randomized")
     captured, err = quality(default)
     assert 0.93 < captured < 0.999     # near-degenerate directions around index r are partly missed...
-    assert err > 0.05                 # ...which is why projections always use exact bases
+    assert err > 0.05                 # ...which is why projections never use them
     captured, err = quality(SubspaceSpec(r, "randomized", oversample=160, power_iters=5))
     assert captured > 0.9999 and err < 1e-2
     again = compute_basis(w, default)
@@ -82,8 +82,44 @@ def test_randomized_basis_accuracy_on_a_decaying_spectrum():
     assert SubspaceSpec(r, "randomized", oversample=400).effective(640, 640).method == "exact"
 
 
+@pytest.mark.parametrize("shape", [(640, 640), (1280, 320), (200, 900)])
+def test_gram_basis_is_close_to_exact_and_orthonormal(shape):
+    """The fast transfer's projection bases: float32 Gram, float64 eigendecomposition (subspaces.py)."""
+    m, n = shape
+    w = spectral_matrix(m, n, _gen(m + 2 * n)).half().float()     # fp16-stored, like checkpoint weights
+    r = 160
+    pu, pv, s = _svd_projectors(w, r)
+    basis = compute_basis(w, SubspaceSpec(r, "gram"))
+    assert basis.method == "gram(r=160)"
+    for x, p, d in ((basis.u, pu, m), (basis.v, pv, n)):
+        torch.testing.assert_close(x.T @ x, torch.eye(r), rtol=0, atol=2e-5)
+        assert float((_proj(x, d) - p).norm() / p.norm()) < 2e-3
+    torch.testing.assert_close(basis.s.double(), s, rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize("sketch_dtype", ["float32", "bfloat16"])
+def test_randomized_similarities_agree_with_exact(sketch_dtype):
+    """Screening accuracy (transfer.py's fast path) on zoo-like weights: a drifted copy and an unrelated
+    weight score within 0.01 of what exact bases give, in either sketch dtype."""
+    from lorax_engine.similarity import layer_similarity
+
+    w = spectral_matrix(640, 640, _gen(7))
+    low_rank = torch.randn(640, 4, generator=_gen(8)) @ torch.randn(4, 640, generator=_gen(9))
+    drift = w + 0.01 * w.norm() / 640 * low_rank
+    other = spectral_matrix(640, 640, _gen(10))
+    spec = SubspaceSpec(320, "randomized", sketch_dtype=sketch_dtype)
+    assert spec.effective(640, 640).describe().endswith(f",{sketch_dtype})")
+    product = getattr(torch, sketch_dtype)
+    exact = {k: compute_basis(x, SubspaceSpec(320, "exact")) for k, x in (("w", w), ("d", drift), ("o", other))}
+    fast = {k: compute_basis(x, spec) for k, x in (("w", w), ("d", drift), ("o", other))}
+    for a, b in (("w", "d"), ("w", "o")):
+        e, f = layer_similarity(exact[a], exact[b]), layer_similarity(fast[a], fast[b], product)
+        assert abs(e.u.normalised - f.u.normalised) <= 0.01 and abs(e.v.normalised - f.v.normalised) <= 0.01
+    assert layer_similarity(exact["w"], exact["d"]).score > 0.5 > 0.05 > layer_similarity(fast["w"], fast["o"]).score
+
+
 def test_spec_validation():
-    for bad in ({"rank": 0}, {"method": "svd"}, {"oversample": -1}):
+    for bad in ({"rank": 0}, {"method": "svd"}, {"oversample": -1}, {"sketch_dtype": "float16"}):
         with pytest.raises(TransferOptionError):
             SubspaceSpec(**bad)
 
@@ -127,14 +163,16 @@ def test_key_follows_content_rank_and_method(tmp_path):
     assert not torch.allclose(_proj(a.u, 64), _proj(b.u, 64), atol=1e-2)
     cache.get(_weights(0), KEY, SubspaceSpec(12, "exact"))
     cache.get(_weights(0), KEY, SubspaceSpec(16, "randomized", oversample=4))
-    assert cache.stats.computed == 4 and len(_entries(tmp_path)) == 4
+    cache.get(_weights(0), KEY, SubspaceSpec(16, "randomized", oversample=4, sketch_dtype="bfloat16"))
+    cache.get(_weights(0), KEY, SubspaceSpec(16, "gram"))
+    assert cache.stats.computed == 6 and len(_entries(tmp_path)) == 6
     # a weight modified in place is hashed again: no stale basis
     tensors = {KEY: spectral_matrix(64, 48, _gen(0)).half()}
     weights = StateDictWeights(tensors, "sd1")
     before = cache.get(weights, KEY, SPEC)
     tensors[KEY].mul_(-1).add_(spectral_matrix(64, 48, _gen(9)).half())
     after = cache.get(weights, KEY, SPEC)
-    assert after is not before and cache.stats.computed == 5
+    assert after is not before and cache.stats.computed == 7
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "nan", "swap"])
