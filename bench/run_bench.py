@@ -6,7 +6,7 @@ rank-32 SD1.5 LoRA, at subspace rank r (default 320), it measures:
 * cold: ``python -m lorax_engine transfer`` as a subprocess with an empty cache dir: wall time, peak RSS;
 * warm: the same command again (cache populated);
 * batch: ``batch`` over 1 and over 10 LoRAs (different seeds), warm cache: marginal seconds per LoRA;
-* exact: the same transfer with ``--exact`` (exact bases for screening too), for the accuracy figures;
+* exact: the same transfer with ``--exact`` (exact bases to screen and to project), for the accuracy figures;
 * accuracy of the default fast path vs exact: max |Δ| of normalised similarities over every scored pair,
   max relative Frobenius error of the projected ΔW over the target layers both paths chose alike;
 * naive: bench/naive_transfer.py (full float32 SVD per layer, no cache), run on one stage for real
@@ -296,7 +296,7 @@ def main(argv=None) -> int:
     result["batch_1_s"], result[f"batch_{n_batch}_s"] = times[1], times[n_batch]
     result["batch_marginal_s_per_lora"] = (times[n_batch] - times[1]) / (n_batch - 1)
 
-    say("exact transfer (exact bases for screening too; cache holds the fast run's bases)")
+    say("exact transfer (exact bases to screen and to project)")
     result["exact_s"], _, exact_out, exact_rep = transfer("exact", "--exact")
     result.update(accuracy(cold_rep, exact_rep, cold_out, exact_out))
     say(f"fast vs exact: similarity max |Δ| {result['sim_max_abs_err']:.4f}, "

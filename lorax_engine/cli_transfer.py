@@ -56,7 +56,7 @@ def _option_args(p, projection: bool = True):
                         "'off' applies every candidate)")
     speed = p.add_mutually_exclusive_group()
     speed.add_argument("--fast", dest="exact", action="store_false",
-                       help="score candidates with randomised bases, project with exact ones (default)")
+                       help="score candidates with randomised bases, project with Gram bases (default)")
     speed.add_argument("--exact", dest="exact", action="store_true", help="exact bases everywhere (slower)")
     p.set_defaults(exact=False)
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")

@@ -9,9 +9,11 @@ Two steps, callable separately (the ComfyUI nodes do) or together (:func:`transf
 2. :func:`project` applies the matching policy and threshold and projects each chosen pair on the
    factors (projection.py), combining several updates of one target weight.
 
-``method="fast"`` (default) scores candidates with randomised bases and projects with exact ones: the
-randomised bases are accurate to < 0.01 on similarities but not on projections (see subspaces.py), and
-only the chosen targets need exact ones. ``method="exact"`` uses exact bases for both.
+``method="fast"`` (default) scores candidates with randomised bases (bfloat16 sketch products where the
+hardware has them) and projects with "gram" bases (float32 Gram, float64 eigendecomposition): the
+randomised bases are accurate to < 0.01 on similarities but not on projections (see subspaces.py), the
+Gram ones to ~5e-4 on projections, and only the chosen targets need them. ``method="exact"`` uses exact
+bases for both.
 
 Long loops call ``progress(done, total)`` and ``should_stop()`` (which may raise, or return True to
 cancel with :class:`TransferCancelled`).
@@ -54,7 +56,15 @@ from .projection import (
 )
 from .report import CandidateRecord, LayerRecord, Report, TargetRecord
 from .similarity import LayerSimilarity, PairStore, layer_similarity, similarity_dict
-from .subspaces import ALGORITHM_VERSION, DEFAULT_RANK, CacheStats, SubspaceCache, SubspaceSpec, matrix_shape
+from .subspaces import (
+    ALGORITHM_VERSION,
+    DEFAULT_RANK,
+    CacheStats,
+    SubspaceCache,
+    SubspaceSpec,
+    fast_sketch_dtype,
+    matrix_shape,
+)
 
 TRANSFER_METHODS = ("fast", "exact")
 
@@ -71,7 +81,7 @@ class TransferOptions:
     """Every choice of the method, with its default. See METHOD.md and the module docstrings."""
 
     rank: int = DEFAULT_RANK             # r of the subspaces (the paper's 320)
-    method: str = "fast"                 # "fast": randomised bases to score, exact to project; "exact"
+    method: str = "fast"                 # "fast": randomised bases to score, Gram to project; "exact"
     threshold: float = DEFAULT_THRESHOLD  # on the normalised score; -inf applies every candidate
     policy: str = DEFAULT_POLICY         # "best" | "all-above-threshold" | "spread"
     mode: str = DEFAULT_MODE             # "subspace" | "subspace+null" | "direct" (baseline)
@@ -97,10 +107,11 @@ class TransferOptions:
     def screening_spec(self) -> SubspaceSpec:
         if self.method == "exact":
             return SubspaceSpec(self.rank, "exact")
-        return SubspaceSpec(self.rank, "randomized", self.oversample, self.power_iters, self.seed)
+        return SubspaceSpec(self.rank, "randomized", self.oversample, self.power_iters, self.seed,
+                            fast_sketch_dtype(self.device))
 
     def projection_spec(self) -> SubspaceSpec:
-        return SubspaceSpec(self.rank, "exact")
+        return SubspaceSpec(self.rank, "exact" if self.method == "exact" else "gram")
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -143,7 +154,7 @@ def layer_fingerprint(layer: LoraLayer) -> str:
 class SubspaceMap:
     """Scores of every (source layer, candidate target layer) pair, plus what is needed to project.
 
-    Holds the two weight providers and the cache, so :func:`project` can fetch exact bases later.
+    Holds the two weight providers and the cache, so :func:`project` can fetch projection bases later.
     """
 
     source: object
@@ -222,6 +233,8 @@ def _score(smap: SubspaceMap, keys: list[str], lora: LoraModel | None, progress:
     """Similarities (and, with a LoRA, screening energies) for ``keys``, stage by stage."""
     spec = smap.options.screening_spec()
     spec_id = f"v{ALGORITHM_VERSION}|{spec.describe()}"
+    # screening in bfloat16 sketches computes its r x r overlaps in bfloat16 too
+    product_dtype = getattr(torch, spec.sketch_dtype)
     if smap.cache.pairs is None:
         smap.cache.pairs = PairStore(smap.cache.directory)
     store = smap.cache.pairs
@@ -267,23 +280,29 @@ def _score(smap: SubspaceMap, keys: list[str], lora: LoraModel | None, progress:
 
     tick = _ticker(progress, should_stop, total, offset, offset + total + extra_total)
     for sources_needed, need_pair, by_target in plans:
-        src_bases = {}
+        src_bases, src_screen = {}, {}
         for s in sources_needed:
             src_bases[s] = cache.get(source, s, spec, smap.options.device)
+            src_screen[s] = src_bases[s].to(product_dtype)
             tick()
         for t in sorted(by_target, key=lambda k: parse_key(k).order):
             basis_t = cache.get(target, t, spec, smap.options.device)
+            screen_t = basis_t.to(product_dtype)
+            fp_t = target.fingerprint(t)
             for s in by_target[t]:
                 entry = smap.entries[s]
                 if s in need_pair.get(t, ()):
-                    sim = layer_similarity(src_bases[s], basis_t)
+                    fp_s = source.fingerprint(s)
+                    # identical weights: float32 products, so the score is 1 to rounding (METHOD's anchor)
+                    sim = (layer_similarity(src_bases[s], basis_t) if fp_s == fp_t
+                           else layer_similarity(src_screen[s], screen_t, product_dtype))
                     entry.similarities[t] = sim
-                    store.put(source.fingerprint(s), target.fingerprint(t), spec_id, sim)
+                    store.put(fp_s, fp_t, spec_id, sim)
                 if lora is not None and t not in entry.energies:
                     entry.energies[t] = projected_energy(lora.layers[s], basis_t)
-            del basis_t
+            del basis_t, screen_t
             tick()
-        del src_bases
+        del src_bases, src_screen
     store.flush()
     for provider in (source, target):
         flush = getattr(provider, "flush", None)

@@ -112,8 +112,12 @@ def test_source_equals_target_projects_onto_the_layers_own_top_subspaces(zoo, sd
         rec = next(r for r in report.layers if r.source_key == key)
         assert [c.target_key for c in rec.candidates if c.applied] == [key]
         assert rec.best.similarity["score"] == pytest.approx(1.0, abs=1e-6)
-        torch.testing.assert_close(got.up.double(), expected_up, rtol=1e-3, atol=1e-5)
-        torch.testing.assert_close(got.down.double(), expected_down, rtol=1e-3, atol=1e-5)
+        if method == "exact":
+            torch.testing.assert_close(got.up.double(), expected_up, rtol=1e-3, atol=1e-5)
+            torch.testing.assert_close(got.down.double(), expected_down, rtol=1e-3, atol=1e-5)
+        else:   # "gram" projection bases: documented within ~5e-4 of exact (subspaces.py)
+            for got_f, exp_f in ((got.up, expected_up), (got.down, expected_down)):
+                assert float((got_f.double() - exp_f).norm() / exp_f.norm()) < 2e-3
 
 
 def test_source_equals_target_at_full_rank_keeps_square_layers_and_drops_only_null_spaces(zoo, sd15, cache):
@@ -431,7 +435,7 @@ def test_several_source_layers_on_one_target_are_summed_on_concatenated_factors(
                                                              threshold=-math.inf), cache=cache)
     assert sorted(out.layers) == keys and all(len(t.sources) == 2 for t in report.targets)
     for t in keys:
-        basis = cache.get(base, t, TransferOptions().projection_spec())
+        basis = cache.get(base, t, TransferOptions(method="exact").projection_spec())
         expected = sum(project_subspace(lora.layers[s], basis, (640, 640)).delta().double() for s in keys)
         got = out.layers[t]
         assert got.rank == 6 and got.alpha == 6.0
