@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from contextlib import closing
 from dataclasses import asdict, dataclass, field, replace
 
 import torch
@@ -281,27 +282,28 @@ def _score(smap: SubspaceMap, keys: list[str], lora: LoraModel | None, progress:
     tick = _ticker(progress, should_stop, total, offset, offset + total + extra_total)
     for sources_needed, need_pair, by_target in plans:
         src_bases, src_screen = {}, {}
-        for s in sources_needed:
-            src_bases[s] = cache.get(source, s, spec, smap.options.device)
-            src_screen[s] = src_bases[s].to(product_dtype)
-            tick()
-        for t in sorted(by_target, key=lambda k: parse_key(k).order):
-            basis_t = cache.get(target, t, spec, smap.options.device)
-            screen_t = basis_t.to(product_dtype)
-            fp_t = target.fingerprint(t)
-            for s in by_target[t]:
-                entry = smap.entries[s]
-                if s in need_pair.get(t, ()):
-                    fp_s = source.fingerprint(s)
-                    # identical weights: float32 products, so the score is 1 to rounding (METHOD's anchor)
-                    sim = (layer_similarity(src_bases[s], basis_t) if fp_s == fp_t
-                           else layer_similarity(src_screen[s], screen_t, product_dtype))
-                    entry.similarities[t] = sim
-                    store.put(fp_s, fp_t, spec_id, sim)
-                if lora is not None and t not in entry.energies:
-                    entry.energies[t] = projected_energy(lora.layers[s], basis_t)
-            del basis_t, screen_t
-            tick()
+        with closing(cache.get_many(source, sources_needed, spec, smap.options.device)) as fetched:
+            for s, basis_s in fetched:
+                src_bases[s], src_screen[s] = basis_s, basis_s.to(product_dtype)
+                tick()
+        order = sorted(by_target, key=lambda k: parse_key(k).order)
+        with closing(cache.get_many(target, order, spec, smap.options.device)) as fetched:
+            for t, basis_t in fetched:
+                screen_t = basis_t.to(product_dtype)
+                fp_t = target.fingerprint(t)        # memoised: get_many has hashed it
+                for s in by_target[t]:
+                    entry = smap.entries[s]
+                    if s in need_pair.get(t, ()):
+                        fp_s = source.fingerprint(s)
+                        # identical weights: float32 products, so the score is 1 to rounding (METHOD's anchor)
+                        sim = (layer_similarity(src_bases[s], basis_t) if fp_s == fp_t
+                               else layer_similarity(src_screen[s], screen_t, product_dtype))
+                        entry.similarities[t] = sim
+                        store.put(fp_s, fp_t, spec_id, sim)
+                    if lora is not None and t not in entry.energies:
+                        entry.energies[t] = projected_energy(lora.layers[s], basis_t)
+                del basis_t, screen_t
+                tick()
         del src_bases, src_screen
     store.flush()
     for provider in (source, target):
@@ -424,27 +426,30 @@ def project(lora: LoraModel, subspace_map: SubspaceMap, options: TransferOptions
     out_layers: dict[str, LoraLayer] = {}
     targets: list[TargetRecord] = []
     tick = _ticker(progress, should_stop, len(assignments), _offset, _offset + len(assignments))
-    for t in sorted(assignments, key=lambda k: (parse_key(k).order, k)):
-        shape = tuple(target.shape(t))
-        basis_t = cache.get(target, t, proj_spec, opts.device) if opts.mode != "direct" else None
-        parts = []
-        for s, strength in assignments[t]:
-            layer = lora.layers[s]
-            if opts.mode == "direct":
-                out = project_direct(layer, shape)
-            elif opts.mode == "subspace":
-                out = project_subspace(layer, basis_t, shape)
-            else:
-                out = project_null(layer, cache.get(source, s, proj_spec, opts.device), basis_t, shape)
-            cand_records[(s, t)].energy_kept = energy_fraction(layer, out)
-            parts.append((out, strength))
-        combined = combine(parts, shape)
-        cap_kept = 1.0
-        if opts.output_rank is not None and combined.rank > opts.output_rank:
-            combined, cap_kept = compress(combined, max_rank=opts.output_rank)
-        out_layers[t] = combined
-        targets.append(TargetRecord(t, combined.rank, [s for s, _ in assignments[t]], cap_kept))
-        tick()
+    order = sorted(assignments, key=lambda k: (parse_key(k).order, k))
+    bases = (cache.get_many(target, order, proj_spec, opts.device) if opts.mode != "direct"
+             else ((t, None) for t in order))
+    with closing(bases):
+        for t, basis_t in bases:
+            shape = tuple(target.shape(t))
+            parts = []
+            for s, strength in assignments[t]:
+                layer = lora.layers[s]
+                if opts.mode == "direct":
+                    out = project_direct(layer, shape)
+                elif opts.mode == "subspace":
+                    out = project_subspace(layer, basis_t, shape)
+                else:
+                    out = project_null(layer, cache.get(source, s, proj_spec, opts.device), basis_t, shape)
+                cand_records[(s, t)].energy_kept = energy_fraction(layer, out)
+                parts.append((out, strength))
+            combined = combine(parts, shape)
+            cap_kept = 1.0
+            if opts.output_rank is not None and combined.rank > opts.output_rank:
+                combined, cap_kept = compress(combined, max_rank=opts.output_rank)
+            out_layers[t] = combined
+            targets.append(TargetRecord(t, combined.rank, [s for s, _ in assignments[t]], cap_kept))
+            tick()
 
     for rec in records.values():
         applied = [c.energy_kept for c in rec.candidates if c.applied and c.energy_kept is not None]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import threading
+from contextlib import closing
 
 import pytest
 import torch
@@ -220,6 +222,51 @@ def test_memory_lru_is_bounded_in_bytes():
     assert (cache.stats.computed, cache.stats.memory_hits) == (3, 0)
     cache.get(w1, KEY, SPEC)
     assert cache.stats.memory_hits == 1
+
+
+def _many_weights(n=6, bad=None):
+    tensors = {f"diffusion_model.w{i}.weight": spectral_matrix(64, 48 + 8 * i, _gen(20 + i)).half() for i in range(n)}
+    if bad is not None:
+        tensors[f"diffusion_model.w{bad}.weight"][3, 5] = float("nan")
+    return StateDictWeights(tensors, architecture="sd1", name="many")
+
+
+def test_get_many_yields_in_order_what_get_computes(tmp_path):
+    weights = _many_weights()
+    keys = list(reversed(weights.keys()))
+    threads = torch.get_num_threads()
+    cache = SubspaceCache(tmp_path / "a")
+    got = list(cache.get_many(weights, keys, SPEC, workers=2))
+    assert [k for k, _ in got] == keys and cache.stats.computed == len(keys)
+    assert torch.get_num_threads() == threads
+    serial = SubspaceCache(tmp_path / "b")
+    for key, basis in got:
+        expected = serial.get(weights, key, SPEC)
+        torch.testing.assert_close(_proj(basis.u, 64), _proj(expected.u, 64), rtol=0, atol=1e-5)
+        torch.testing.assert_close(_proj(basis.v, basis.shape[1]), _proj(expected.v, basis.shape[1]), rtol=0, atol=1e-5)
+    again = list(cache.get_many(weights, keys, SPEC, workers=2))    # all from memory now
+    assert cache.stats.memory_hits == len(keys) and all(a is b for (_, a), (_, b) in zip(got, again, strict=True))
+
+
+def test_get_many_raises_at_the_damaged_weight_and_cleans_up():
+    weights = _many_weights(bad=3)
+    threads = torch.get_num_threads()
+    seen = []
+    with pytest.raises(LoraFileError, match="w3.weight holds NaN"):
+        for key, _ in SubspaceCache().get_many(weights, weights.keys(), SPEC, workers=2):
+            seen.append(key)
+    assert seen == weights.keys()[:3]
+    assert torch.get_num_threads() == threads
+    assert not [t for t in threading.enumerate() if t.name.startswith("lorax-basis")]
+
+
+def test_get_many_closed_early_waits_for_its_threads():
+    weights = _many_weights()
+    threads = torch.get_num_threads()
+    with closing(SubspaceCache().get_many(weights, weights.keys(), SPEC, workers=2)) as fetched:
+        next(fetched)
+    assert torch.get_num_threads() == threads
+    assert not [t for t in threading.enumerate() if t.name.startswith("lorax-basis")]
 
 
 # --------------------------------------------------------------------------------------------- providers
