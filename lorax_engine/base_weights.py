@@ -33,6 +33,7 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from .architectures import detect_checkpoint_architecture
+from .atomic import write_text_atomic
 from .errors import LoraFileError
 from .safetensors_file import SafetensorsFile
 
@@ -254,17 +255,13 @@ class CheckpointWeights:
         """Write newly computed digests to the memo (atomically); a no-op without ``fingerprint_dir``."""
         if self._memo_path is None or not self._dirty:
             return
-        tmp = self._memo_path.with_name(f".{self._memo_path.name}.{os.getpid()}.tmp")
         try:
             self._memo_path.parent.mkdir(parents=True, exist_ok=True)
-            tmp.write_text(json.dumps({"path": str(self.path), "stat": self._memo_stamp,
-                                       "digests": self._digests}))
-            os.replace(tmp, self._memo_path)
+            write_text_atomic(self._memo_path, json.dumps({"path": str(self.path), "stat": self._memo_stamp,
+                                                           "digests": self._digests}))
             self._dirty = False
         except OSError:
             pass    # the memo only saves time
-        finally:
-            tmp.unlink(missing_ok=True)
 
 
 def open_base_model(source, fingerprint_dir=None, rehash: bool = False) -> BaseModelWeights:

@@ -19,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+from .atomic import write_text_atomic
 from .base_weights import CheckpointWeights
 from .errors import LoraXError, OutputPathError, TransferOptionError
 from .lora_formats import read_lora, write_lora
@@ -163,7 +164,7 @@ def _open_models(args, cache: SubspaceCache):
 
 def _write_text(path: Path, text: str):
     try:
-        path.write_text(text)
+        write_text_atomic(path, text)
     except OSError as err:
         raise OutputPathError(f"{path}: cannot be written ({err.strerror or err})") from None
 
@@ -200,7 +201,7 @@ def _write_result(result, report, out: Path):
     if result.architecture not in ("sd1", "sdxl"):
         raise TransferOptionError(f"cannot write {out}: the target model's architecture is "
                                   f"{report.target_architecture!r}")
-    write_lora(result, out, architecture=result.architecture, extra_metadata=report.metadata())
+    write_lora(result, out, architecture=result.architecture)    # the result carries the report's lorax.* keys
 
 
 # --------------------------------------------------------------------------------------------- commands

@@ -25,12 +25,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from .atomic import write_text_atomic
 from .subspaces import Basis
 
 
@@ -156,15 +156,11 @@ class PairStore:
         for fid in sorted(self._dirty):
             path = self.directory / fid[:2] / f"{fid}.json"
             pairs = self._files[fid]
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
-                tmp.write_text(json.dumps({"id": fid, "pairs": pairs, "checksum": _checksum(pairs)}))
-                os.replace(tmp, path)
+                write_text_atomic(path, json.dumps({"id": fid, "pairs": pairs, "checksum": _checksum(pairs)}))
             except OSError:
                 pass    # the store only saves time
-            finally:
-                tmp.unlink(missing_ok=True)
         self._dirty.clear()
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -148,3 +149,29 @@ def test_nothing_to_write_and_bad_options_are_clear_errors(sd15_path, zoo, cache
     with pytest.raises(SystemExit) as exc:
         main(same + ["--threshold", "high"])
     assert exc.value.code == 2
+
+
+@pytest.mark.parametrize("failure", [OSError(28, "No space left on device"), KeyboardInterrupt()])
+def test_report_is_replaced_whole_or_not_at_all(sd15_path, cache_dir, tmp_path, monkeypatch, capsys, failure):
+    """A failed or interrupted --report write keeps the previous report and leaves no temporary file."""
+    lora = _write_lora(tmp_path / "in.safetensors")
+    report = tmp_path / "report.json"
+    report.write_text('{"previous": true}')
+    args = ["transfer", "--lora", str(lora), "--source-model", sd15_path, "--target-model", sd15_path,
+            "--out", str(tmp_path / "out.safetensors"), "--report", str(report), "--cache-dir", str(cache_dir),
+            "--quiet"]
+
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if str(dst) == str(report):
+            raise failure
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    if isinstance(failure, KeyboardInterrupt):
+        assert main(args) == 130 and "interrupted" in capsys.readouterr().err
+    else:
+        assert main(args) == 2 and "report.json: cannot be written" in capsys.readouterr().err
+    assert report.read_text() == '{"previous": true}'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.safetensors", "out.safetensors", "report.json"]
