@@ -355,7 +355,8 @@ def _format_number(x: float) -> str:
 
 def lora_metadata(lora: LoraModel, architecture: str, output_name: str,
                   extra_metadata: dict[str, str] | None = None) -> dict[str, str]:
-    """kohya + SAI ModelSpec metadata for a written LoRA; ``extra_metadata`` (e.g. ``lorax.*``) last."""
+    """kohya + SAI ModelSpec metadata for a written LoRA, the LoRA's own ``lorax.*`` provenance (a transfer
+    result carries its report's), then ``extra_metadata``."""
     ranks = {layer.rank for layer in lora.layers.values()}
     alphas = {float(layer.alpha) for layer in lora.layers.values()}
     md = {
@@ -374,6 +375,7 @@ def lora_metadata(lora: LoraModel, architecture: str, output_name: str,
     tags = _fit_tag_frequency(lora.metadata.get("ss_tag_frequency"))    # the trigger words
     if tags is not None:
         md["ss_tag_frequency"] = tags
+    md.update({k: v for k, v in lora.metadata.items() if k.startswith("lorax.")})
     md.update(extra_metadata or {})
     return md
 

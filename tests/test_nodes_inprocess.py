@@ -2,11 +2,11 @@
 detects as such): the similarity map, projection, Apply (through ComfyUI's own LoRA loading) and Save."""
 from __future__ import annotations
 
+import comfy_harness
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
-
-import comfy_harness
 
 STRENGTH = 0.8
 
@@ -82,6 +82,10 @@ def test_nodes_transfer_and_apply_like_the_stock_loader(comfy, pack, models, lor
     assert path2 != path and path2.endswith("_00001.safetensors")
     written = load_file(path)
     assert len([k for k in written if k.endswith(".lora_up.weight")]) == len(projected.layers)
+    with safe_open(path, "pt") as f:       # provenance travels with the file, as with the command line
+        meta = f.metadata()
+    assert meta["lorax.mode"] == "subspace" and meta["lorax.layers_applied"] == str(len(projected.layers))
+    assert meta["lorax.source_model"] == projected.metadata["lorax.source_model"]
 
 
 def test_apply_refuses_a_non_sdxl_model(pack, models, lora_file):
