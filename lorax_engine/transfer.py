@@ -234,8 +234,9 @@ def _score(smap: SubspaceMap, keys: list[str], lora: LoraModel | None, progress:
     """Similarities (and, with a LoRA, screening energies) for ``keys``, stage by stage."""
     spec = smap.options.screening_spec()
     spec_id = f"v{ALGORITHM_VERSION}|{spec.describe()}"
-    # screening in bfloat16 sketches computes its r x r overlaps in bfloat16 too
-    product_dtype = getattr(torch, spec.sketch_dtype)
+    # fast screening computes its r x r overlaps in bfloat16 where this CPU multiplies it natively (the bases
+    # live on the CPU even when --device cuda computed them)
+    product_dtype = getattr(torch, fast_sketch_dtype("cpu")) if spec.method == "randomized" else torch.float32
     if smap.cache.pairs is None:
         smap.cache.pairs = PairStore(smap.cache.directory)
     store = smap.cache.pairs
