@@ -454,5 +454,9 @@ def write_lora(lora: LoraModel, path, *, architecture: str, extra_metadata: dict
             Path(tmp).unlink(missing_ok=True)
         if isinstance(err, OSError):
             raise OutputPathError(f"{path}: cannot be written ({err.strerror or err})") from err
+        if isinstance(err, safetensors.SafetensorError):
+            # how safetensors reports a failed write: "Error while serializing: I/O error: <reason> (os error N)"
+            reason = str(err).rpartition("I/O error: ")[2] or str(err)
+            raise OutputPathError(f"{path}: cannot be written ({reason})") from err
         raise
     return path

@@ -435,6 +435,7 @@ class SubspaceCache:
         path = self._path(ckey)
         if path is None:
             return
+        from safetensors import SafetensorError
         from safetensors.torch import save_file
 
         tensors = {k: t for k, t in (("u", basis.u), ("v", basis.v), ("s", basis.s)) if t is not None}
@@ -447,7 +448,7 @@ class SubspaceCache:
                 os.replace(tmp, path)
             finally:
                 tmp.unlink(missing_ok=True)
-        except OSError:
+        except (OSError, SafetensorError):     # safetensors reports a full disk as SafetensorError
             pass    # a read-only or full cache disk costs speed, never the result
 
 

@@ -21,6 +21,7 @@ import pytest
 import safetensors.torch
 import torch
 from comfy_harness import REPO_ROOT
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from lorax_engine.cli import main
@@ -183,27 +184,36 @@ def test_ctrl_c_while_writing(models, lora_file, reference, warm_cache, tmp_path
 
 # --- failing writes ------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("error", [errno.ENOSPC, errno.EACCES, errno.EROFS])
+# what safetensors' own writer raises when the disk fills up mid-write (seen on this VM's full disk)
+SAFETENSORS_DISK_FULL = SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+
+@pytest.mark.parametrize("error, reason", [
+    *((OSError(e, os.strerror(e)), os.strerror(e)) for e in (errno.ENOSPC, errno.EACCES, errno.EROFS)),
+    (SAFETENSORS_DISK_FULL, "No space left on device (os error 28)")])
 def test_failing_output_write_is_one_clear_error(models, lora_file, warm_cache, tmp_path, capsys, monkeypatch,
-                                                 error):
+                                                 error, reason):
     out = tmp_path / "out" / "style_sdxl.safetensors"
     out.parent.mkdir()
     out.write_bytes(PREVIOUS)
-    _inject(monkeypatch, "out", "save_file", OSError(error, os.strerror(error)))
+    _inject(monkeypatch, "out", "save_file", error)
     code, stdout, err = _cli(capsys, _args(models, lora_file, out, warm_cache))
     assert code == 2 and stdout == ""
-    assert err == f"error: {out}: cannot be written ({os.strerror(error)})\n"
+    assert err == f"error: {out}: cannot be written ({reason})\n"
     assert out.read_bytes() == PREVIOUS
     assert sorted(out.parent.iterdir()) == [out] and temp_files(tmp_path) == []
 
 
-@pytest.mark.parametrize("folder_name", ["bases", "pairs", "fingerprints"])
+@pytest.mark.parametrize("folder_name, error", [
+    ("bases", OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))), ("bases", SAFETENSORS_DISK_FULL),
+    ("pairs", OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))),
+    ("fingerprints", OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))])
 def test_a_full_cache_disk_costs_speed_never_the_result(models, lora_file, reference, tmp_path, capsys,
-                                                        monkeypatch, folder_name):
+                                                        monkeypatch, folder_name, error):
     cache = tmp_path / "cache"
     out = tmp_path / "style_sdxl.safetensors"
     operation = "save_file" if folder_name == "bases" else "replace"
-    _inject(monkeypatch, folder_name, operation, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
+    _inject(monkeypatch, folder_name, operation, error)
     code, _, err = _cli(capsys, _args(models, lora_file, out, cache))
     assert code == 0 and err == ""
     assert_same_tensors(out, reference)
