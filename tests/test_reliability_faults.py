@@ -24,6 +24,7 @@ from comfy_harness import REPO_ROOT
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+import lorax_zoo
 from lorax_engine.cli import main
 from lorax_engine.lora_formats import read_lora
 from lorax_engine.safetensors_file import SafetensorsFile
@@ -96,12 +97,18 @@ def assert_cache_entries_valid(cache):
 
 # --- Ctrl-C ----------------------------------------------------------------------------------------------
 
-def test_ctrl_c_mid_transfer(models, lora_file, reference, tmp_path, capsys):
-    """A real SIGINT to a real process once the first basis is cached, while most of the work remains."""
+def test_ctrl_c_mid_transfer(models, tmp_path, capsys):
+    """A real SIGINT to a real process once the first basis is cached, while most of the work remains: a LoRA
+    over every SD1.5 layer, so hundreds of bases follow the first (the one-layer LoRA of the other tests is
+    done within milliseconds of its first basis)."""
+    lora = lorax_zoo.make_sd15_lora(tmp_path / "full.safetensors", rank=4, seed=3, cover="full")
+    expected = tmp_path / "expected.safetensors"
+    assert main([str(a) for a in _args(models, lora, expected)]) == 0      # undisturbed, without a cache
+    capsys.readouterr()
     cache, out = tmp_path / "cache", tmp_path / "out" / "style_sdxl.safetensors"
     out.parent.mkdir()
-    args = _args(models, lora_file, out, cache)
-    proc = subprocess.Popen([sys.executable, "-m", "lorax_engine", *args], cwd=REPO_ROOT,
+    args = _args(models, lora, out, cache)
+    proc = subprocess.Popen([sys.executable, "-m", "lorax_engine", *map(str, args)], cwd=REPO_ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 300
@@ -119,10 +126,12 @@ def test_ctrl_c_mid_transfer(models, lora_file, reference, tmp_path, capsys):
     assert list(out.parent.iterdir()) == []
     assert temp_files(tmp_path) == []
     assert_cache_entries_valid(cache)
+    left = len(list((cache / "bases").rglob("*.safetensors")))
     # the next run finishes from the cache it left, with the undisturbed result
     code, _, err = _cli(capsys, args)
     assert code == 0, err
-    assert_same_tensors(out, reference)
+    assert_same_tensors(out, load_file(str(expected)))
+    assert left < len(list((cache / "bases").rglob("*.safetensors")))     # it was stopped mid-way
 
 
 # where a Ctrl-C can land while files are written: (folder of the file, the operation it interrupts)
