@@ -108,8 +108,11 @@ def test_ctrl_c_mid_transfer(models, tmp_path, capsys):
     cache, out = tmp_path / "cache", tmp_path / "out" / "style_sdxl.safetensors"
     out.parent.mkdir()
     args = _args(models, lora, out, cache)
+    # default SIGINT handling in the child: a suite started as a background job (`make test &`, nohup) passes
+    # SIGINT down as ignored, and Python then never raises KeyboardInterrupt
     proc = subprocess.Popen([sys.executable, "-m", "lorax_engine", *map(str, args)], cwd=REPO_ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 300
         while not list((cache / "bases").rglob("*.safetensors")):
