@@ -282,7 +282,7 @@ class CacheStats:
     disk_hits: int = 0
     computed: int = 0
     discarded: int = 0          # corrupt or mismatching disk entries, deleted and recomputed
-    compute_seconds: float = 0.0
+    compute_seconds: float = 0.0    # summed over get_many's worker threads: may exceed wall time
     read_seconds: float = 0.0   # reading weights and hashing them
 
     def as_dict(self) -> dict:
