@@ -8,12 +8,13 @@ measured speed-up is a lower bound): each weight is decomposed once per run (a s
 until the stage is done), and similarity/projection are done on factors as in the engine.
 
 A full naive run on the full-size models takes hours on 2 CPU cores, so :func:`naive_transfer` can run a
-subset of stages, and :func:`plan_svds` + :func:`time_svds` extrapolate the whole run from one timed SVD per
-distinct weight shape (the SVDs are > 99% of the naive run's time).
+subset of stages, and :func:`plan_svds` + :func:`time_svds` extrapolate the whole run from a timed SVD per
+distinct weight shape (median of three timings; the SVDs are > 99% of the naive run's time).
 """
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from collections import Counter
 
@@ -75,16 +76,21 @@ def plan_svds(stages, source, target) -> Counter:
     return counts
 
 
-def time_svds(counts: Counter, source, target, device: str = "cpu") -> dict[tuple[int, int], float]:
-    """Seconds of one read + float32 SVD of a real weight of each shape (first weight found of that shape)."""
+def time_svds(counts: Counter, source, target, device: str = "cpu", repeats: int = 3
+              ) -> dict[tuple[int, int], float]:
+    """Seconds of one read + float32 SVD of a real weight of each shape (first weight found of that shape):
+    the median of ``repeats`` timings, as one timing moved by 20-60 % between runs on a 2-core VM."""
     seconds = {}
     for shape in counts:
         provider, key = next((p, k) for p in (target, source) for k in p.keys()
                              if _matrix_shape(p.shape(k)) == shape)
-        t0 = time.perf_counter()
-        top_subspaces(provider.matrix(key).to(device), 1)
-        _sync(device)
-        seconds[shape] = time.perf_counter() - t0
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            top_subspaces(provider.matrix(key).to(device), 1)
+            _sync(device)
+            times.append(time.perf_counter() - t0)
+        seconds[shape] = statistics.median(times)
     return seconds
 
 
