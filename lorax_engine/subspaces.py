@@ -58,6 +58,7 @@ from pathlib import Path
 
 import torch
 
+from .atomic import atomic_path
 from .errors import LoraFileError, TransferOptionError
 
 ALGORITHM_VERSION = 2
@@ -157,7 +158,9 @@ class Basis:
         return self.shape[1] if self.v is None else int(self.v.shape[1])
 
     def to(self, dtype: torch.dtype) -> Basis:
-        """The same subspaces with ``u`` and ``v`` in ``dtype`` (for cheaper similarity products)."""
+        """The same subspaces with ``u`` and ``v`` in ``dtype``, for cheaper similarity products: bfloat16 makes
+        the ``r x r`` product 3-4x cheaper on hardware with native bfloat16, and on orthonormal bases its
+        rounding moves phi by < 1e-4 (7e-5 measured at 1280 x 320)."""
         if dtype == torch.float32:
             return self
         cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
@@ -185,10 +188,16 @@ def _orth_fast(x: torch.Tensor) -> torch.Tensor:
     return torch.linalg.solve_triangular(chol.to(x.dtype).T, x, upper=True, left=False)   # X L^-T
 
 
-def _top_from_gram(w: torch.Tensor, g: torch.Tensor, rank: int, tall: bool):
-    """Top-``rank`` triplets of ``w`` from the eigendecomposition of its smaller Gram matrix ``g``
-    (``W^T W`` when ``tall``, else ``W W^T``); the other side is ``W V / s`` made orthonormal by a QR."""
-    evals, evecs = torch.linalg.eigh(g.double())
+def _gram(w: torch.Tensor, rank: int):
+    """Top-``rank`` triplets of ``w`` from the float64 eigendecomposition of its smaller Gram matrix (``W^T W``
+    or ``W W^T``, formed in ``w``'s dtype); the other side is ``W V`` (or ``W^T U``) made orthonormal by a QR.
+
+    The "gram" method passes float32 ``w``: 4x cheaper than a float64 Gram for a 10240 x 1280 weight.
+    Rounding the Gram perturbs the directions next to index r, where the spectrum is flattest: on zoo
+    weights the projector moves by ~5e-4 relative, 20x inside the 1e-2 the fast transfer allows."""
+    m, n = w.shape
+    tall = m >= n
+    evals, evecs = torch.linalg.eigh((w.T @ w if tall else w @ w.T).double())
     small = evecs[:, -rank:].flip(-1).to(device=w.device, dtype=w.dtype)
     big = _orth(w @ small) if tall else _orth(w.T @ small)
     s = evals[-rank:].flip(-1).clamp_min(0).sqrt().to(w.device)
@@ -203,20 +212,8 @@ def _exact(w: torch.Tensor, rank: int) -> tuple[torch.Tensor | None, torch.Tenso
         u = None if m == d else _orth(w)
         v = None if n == d else _orth(w.T)
         return u, v, None
-    w64 = w.double()
-    g = w64.T @ w64 if m >= n else w64 @ w64.T
-    u, v, s = _top_from_gram(w64, g, rank, m >= n)
+    u, v, s = _gram(w.double(), rank)
     return u.float(), v.float(), s.float()
-
-
-def _gram(w: torch.Tensor, rank: int):
-    """Like :func:`_exact` but the Gram matrix is formed in float32 (4x cheaper for a 10240 x 1280 weight);
-    the eigendecomposition stays float64. Rounding the Gram perturbs the directions next to index r,
-    where the spectrum is flattest: on zoo weights the projector moves by ~5e-4 relative, 20x inside
-    the 1e-2 the fast transfer allows for projections."""
-    m, n = w.shape
-    g = w.T @ w if m >= n else w @ w.T
-    return _top_from_gram(w, g, rank, m >= n)
 
 
 @functools.lru_cache(maxsize=8)
@@ -242,9 +239,10 @@ def _randomized(w: torch.Tensor, spec: SubspaceSpec):
     s = evals[-spec.rank:].flip(-1).clamp_min(0).sqrt().to(device=w.device, dtype=torch.float32)
     u = q @ ub
     # (Q^T W)^T ub has orthogonal columns of norms s (ub are eigenvectors of its Gram): scaling replaces a QR
-    v = (bt @ ub) / s.clamp_min(torch.finfo(torch.float32).tiny)
+    bu = bt @ ub
+    v = bu / s.clamp_min(torch.finfo(torch.float32).tiny)
     if not bool(torch.isfinite(v).all()) or float(s[-1]) <= float(s[0]) * 1e-6:
-        v = _orth(bt @ ub)                          # (numerically) rank-deficient sketch
+        v = _orth(bu)                               # (numerically) rank-deficient sketch
     return u, v, s
 
 
@@ -441,13 +439,9 @@ class SubspaceCache:
         tensors = {k: t for k, t in (("u", basis.u), ("v", basis.v), ("s", basis.s)) if t is not None}
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.{time.monotonic_ns()}.tmp")
-            try:
+            with atomic_path(path) as tmp:
                 save_file(tensors, str(tmp), metadata={"lorax.cache_key": ckey, "lorax.method": basis.method,
                                                        "lorax.checksum": _checksum(tensors)})
-                os.replace(tmp, path)
-            finally:
-                tmp.unlink(missing_ok=True)
         except (OSError, SafetensorError):     # safetensors reports a full disk as SafetensorError
             pass    # a read-only or full cache disk costs speed, never the result
 

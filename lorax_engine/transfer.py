@@ -298,7 +298,7 @@ def _score(smap: SubspaceMap, keys: list[str], lora: LoraModel | None, progress:
                         fp_s = source.fingerprint(s)
                         # identical weights: float32 products, so the score is 1 to rounding (METHOD's anchor)
                         sim = (layer_similarity(src_bases[s], basis_t) if fp_s == fp_t
-                               else layer_similarity(src_screen[s], screen_t, product_dtype))
+                               else layer_similarity(src_screen[s], screen_t))
                         entry.similarities[t] = sim
                         store.put(fp_s, fp_t, spec_id, sim)
                     if lora is not None and t not in entry.energies:
