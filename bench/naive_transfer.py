@@ -2,7 +2,7 @@
 
 What a straightforward implementation of METHOD.md does: every weight it needs is decomposed with a full
 float32 ``torch.linalg.svd``, one layer at a time, with no cache, no randomised screening and no Gram-matrix
-tricks. It shares only the layer matching (``lorax_engine.matching``) with the engine, so the benchmark
+tricks. It shares only the layer matching (``lorax_engine.analysis.matching``) with the engine, so the benchmark
 compares the subspace machinery, not the matching rules. Choices that favour the naive side (so the
 measured speed-up is a lower bound): each weight is decomposed once per run (a stage's bases are held
 until the stage is done), and similarity/projection are done on factors as in the engine.
@@ -20,7 +20,7 @@ from collections import Counter
 
 import torch
 
-from lorax_engine.matching import TargetIndex, select
+from lorax_engine.analysis.matching import TargetIndex, select
 
 
 def top_subspaces(w: torch.Tensor, rank: int):

@@ -38,11 +38,11 @@ REPO = BENCH.parent
 sys.path[1:1] = [str(REPO), str(REPO / "tests")]
 
 import torch  # noqa: E402
+from naive_transfer import naive_transfer, plan, plan_svds, time_svds  # noqa: E402
 
 import lorax_zoo  # noqa: E402
-from lorax_engine.base_weights import CheckpointWeights  # noqa: E402
-from lorax_engine.lora_formats import read_lora  # noqa: E402
-from naive_transfer import naive_transfer, plan, plan_svds, time_svds  # noqa: E402
+from lorax_engine.files.base_weights import CheckpointWeights  # noqa: E402
+from lorax_engine.files.lora_formats import read_lora  # noqa: E402
 
 RESULTS = BENCH / "results.jsonl"
 TARGETS = {   # name: (figure, comparison, bound) for the 2-core CPU targets of the performance brief
@@ -176,8 +176,9 @@ def step_cost(lora_path: Path, work: Path, device: str, rank: int, steps: int, r
     import comfy.model_management as mm
     import comfy.sd
     import folder_paths
+
     import nodes
-    from lorax_engine.lora_formats import write_lora
+    from lorax_engine.files.lora_formats import write_lora
 
     pack = comfy_harness.load_pack()
     ncm = pack.NODE_CLASS_MAPPINGS

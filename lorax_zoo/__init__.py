@@ -2,9 +2,25 @@
 
 See :mod:`lorax_zoo.zoo`. Command line: ``python -m lorax_zoo build [names...]``.
 """
-from .zoo import (CHECKPOINTS, TRIGGER_WORD, ZOO_VERSION, build, cache_dir, checkpoint, checkpoint_keys,
-                  checkpoint_path, key_table, lora_key_map, make_sd15_lora, sd15_lora_state_dict,
-                  sd15_lora_targets, set_cache_dir, spectral_matrix, weight, write_streamed_fp16)
+from .zoo import (
+                  CHECKPOINTS,
+                  TRIGGER_WORD,
+                  ZOO_VERSION,
+                  build,
+                  cache_dir,
+                  checkpoint,
+                  checkpoint_keys,
+                  checkpoint_path,
+                  key_table,
+                  lora_key_map,
+                  make_sd15_lora,
+                  sd15_lora_state_dict,
+                  sd15_lora_targets,
+                  set_cache_dir,
+                  spectral_matrix,
+                  weight,
+                  write_streamed_fp16,
+)
 
 __all__ = ["CHECKPOINTS", "TRIGGER_WORD", "ZOO_VERSION", "build", "cache_dir", "checkpoint", "checkpoint_keys",
            "checkpoint_path", "key_table", "lora_key_map", "make_sd15_lora", "sd15_lora_state_dict",

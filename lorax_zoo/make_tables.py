@@ -139,8 +139,8 @@ def build_tables() -> dict[str, dict]:
         key_map = comfy.lora.model_lora_keys_unet(model, {})
         key_map = comfy.lora.model_lora_keys_clip(clip, key_map)
         tables[f"{arch}_lora_keys"] = dict(key_map)
-    from comfy.ldm.models.autoencoder import AutoencoderKL
     import torch
+    from comfy.ldm.models.autoencoder import AutoencoderKL
     with torch.device("meta"):
         tables["vae"] = _shapes(AutoencoderKL(ddconfig=VAE_DDCONFIG, embed_dim=4).state_dict())
     return {name: dict(sorted(table.items())) for name, table in tables.items()}

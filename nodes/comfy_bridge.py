@@ -6,16 +6,15 @@ import functools
 import os
 import weakref
 
-import torch
-
 import comfy.model_base
 import comfy.model_management
 import comfy.utils
 import folder_paths
+import torch
 
-from ..lorax_engine.base_weights import as_matrix, tensor_fingerprint
+from ..lorax_engine.analysis.subspaces import SubspaceCache
 from ..lorax_engine.errors import LoraXError
-from ..lorax_engine.subspaces import SubspaceCache
+from ..lorax_engine.files.base_weights import as_matrix, tensor_fingerprint
 
 # ComfyUI's model config class -> the engine's architecture names (anything else is detected from shapes)
 _ARCHITECTURES = {"SD15": "sd1", "SDXL": "sdxl", "SSD1B": "ssd1b", "Segmind_Vega": "vega"}

@@ -4,22 +4,35 @@ from __future__ import annotations
 import os
 from dataclasses import replace
 
-import torch
-
 import comfy.sd
 import folder_paths
+import torch
 
-from ..lorax_engine.grid import labelled_grid
-from ..lorax_engine.lora import LoraLayer, LoraModel
-from ..lorax_engine.lora_formats import read_lora, to_kohya_state_dict, write_lora
-from ..lorax_engine.matching import DEFAULT_POLICY, DEFAULT_THRESHOLD, POLICIES
-from ..lorax_engine.output_names import unique_output_path
-from ..lorax_engine.plot import plot_similarity
-from ..lorax_engine.projection import DEFAULT_MODE, MODES
-from ..lorax_engine.subspaces import DEFAULT_RANK
-from ..lorax_engine.transfer import TRANSFER_METHODS, TransferOptions, compute_similarity_map, project
-from .comfy_bridge import (ComfyProgress, NodeError, PatcherWeights, compute_device, engine_device, is_sdxl,
-                           stop_if_cancelled, subspace_cache, user_errors)
+from ..lorax_engine.analysis.matching import DEFAULT_POLICY, DEFAULT_THRESHOLD, POLICIES
+from ..lorax_engine.analysis.subspaces import DEFAULT_RANK
+from ..lorax_engine.files.lora import LoraLayer, LoraModel
+from ..lorax_engine.files.lora_formats import read_lora, to_kohya_state_dict, write_lora
+from ..lorax_engine.files.output_names import unique_output_path
+from ..lorax_engine.projection.operators import DEFAULT_MODE, MODES
+from ..lorax_engine.projection.transfer import (
+    TRANSFER_METHODS,
+    TransferOptions,
+    compute_similarity_map,
+    project,
+)
+from ..lorax_engine.reports.grid import labelled_grid
+from ..lorax_engine.reports.plot import plot_similarity
+from .comfy_bridge import (
+    ComfyProgress,
+    NodeError,
+    PatcherWeights,
+    compute_device,
+    engine_device,
+    is_sdxl,
+    stop_if_cancelled,
+    subspace_cache,
+    user_errors,
+)
 from .ui_summary import map_summary, transfer_summary
 
 CATEGORY = "LoRA-X"

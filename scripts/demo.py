@@ -21,8 +21,9 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO_ROOT), str(REPO_ROOT / "tests")]
 
-import lorax_zoo  # noqa: E402
 from comfy_harness import ComfyServer, PromptError, lora_keys_not_loaded  # noqa: E402
+
+import lorax_zoo  # noqa: E402
 
 DEFAULT_WORKFLOW = REPO_ROOT / "workflows" / "api" / "lorax_sd15_lora_to_sdxl.json"
 SD15_NAME = "lorax_demo_sd15.safetensors"

@@ -64,6 +64,7 @@ def import_comfy() -> SimpleNamespace:
     import comfy.supported_models
     import comfy.utils
     import folder_paths
+
     import nodes
     if not str(getattr(nodes, "__file__", "")).startswith(str(COMFY_DIR)):
         raise RuntimeError(f"`nodes` resolved to {nodes.__file__}, not ComfyUI's nodes.py: "

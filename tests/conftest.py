@@ -5,9 +5,8 @@ See tests/comfy_harness.py for the machinery.
 """
 from __future__ import annotations
 
-import pytest
-
 import comfy_harness
+import pytest
 
 # ComfyUI must precede the repo root on sys.path before anything can import `nodes` (the repo has its own
 # nodes/ package); only the path is set here, ComfyUI itself is imported by the `comfy` fixture (which fails

@@ -11,9 +11,10 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-import lorax_zoo
 import torch
 from safetensors.torch import save_file
+
+import lorax_zoo
 
 # A few layers of every kind per architecture: self/cross attention, feed-forward, proj_in (1x1 conv in
 # SD1.5, linear in SDXL), 3x3 and 1x1 resnet convs, the upsampler whose name differs between the two, and

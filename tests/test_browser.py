@@ -7,7 +7,6 @@ import json
 import shutil
 
 import pytest
-
 from comfy_harness import REPO_ROOT
 
 pytestmark = [pytest.mark.browser, pytest.mark.server]

@@ -13,12 +13,12 @@ import textwrap
 import pytest
 import safetensors.torch
 import torch
+from comfy_harness import REPO_ROOT
 from safetensors.torch import save_file
 
-from comfy_harness import REPO_ROOT
-from lorax_engine import subspaces
-from lorax_engine.base_weights import CheckpointWeights, StateDictWeights
-from lorax_engine.subspaces import SubspaceCache, SubspaceSpec, compute_basis
+from lorax_engine.analysis import subspaces
+from lorax_engine.analysis.subspaces import SubspaceCache, SubspaceSpec, compute_basis
+from lorax_engine.files.base_weights import CheckpointWeights, StateDictWeights
 from lorax_zoo import spectral_matrix
 
 KEYS = [f"diffusion_model.input_blocks.{i}.1.proj_in.weight" for i in (1, 2, 4)]
@@ -137,8 +137,8 @@ def test_an_interrupted_cache_write_leaves_no_entry_and_no_temporary_file(tmp_pa
 _WORKER = textwrap.dedent("""
     import json, random, sys
     import torch
-    from lorax_engine.base_weights import StateDictWeights
-    from lorax_engine.subspaces import SubspaceCache, SubspaceSpec
+    from lorax_engine.files.base_weights import StateDictWeights
+    from lorax_engine.analysis.subspaces import SubspaceCache, SubspaceSpec
     from lorax_zoo import spectral_matrix
     keys = [f"diffusion_model.input_blocks.{i}.1.proj_in.weight" for i in range(6)]
     w = StateDictWeights({k: spectral_matrix(64, 56, torch.Generator().manual_seed(i)).half()

@@ -25,11 +25,11 @@ from hypothesis import strategies as st
 
 import lorax_zoo
 from lorax_engine.errors import LoraXError, OutputPathError
-from lorax_engine.keys import module_to_canonical, split_key
-from lorax_engine.lora import LoraModel
-from lorax_engine.lora_formats import lora_from_state_dict, read_lora
-from lorax_engine.output_names import sanitize_stem, unique_output_path
-from lorax_engine.safetensors_file import DTYPES
+from lorax_engine.files.keys import module_to_canonical, split_key
+from lorax_engine.files.lora import LoraModel
+from lorax_engine.files.lora_formats import lora_from_state_dict, read_lora
+from lorax_engine.files.output_names import sanitize_stem, unique_output_path
+from lorax_engine.files.safetensors_file import DTYPES
 
 # the strategies sample from thousands of real module names: their repr is long, and that is all it is
 pytestmark = pytest.mark.filterwarnings("ignore:Generating overly large repr")

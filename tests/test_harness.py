@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import json
 
+import comfy_harness
 import pytest
 import torch
 from safetensors.torch import load_file
-
-import comfy_harness
 
 STRENGTH_MODEL, STRENGTH_CLIP = 0.7, 0.4
 

@@ -6,11 +6,24 @@ import dataclasses
 import lora_factory
 import pytest
 
-from lorax_engine.architectures import (SD15, SDXL, SSD1B, VEGA, detect_checkpoint_architecture,
-                                        detect_lora_architecture, unet_config_from_keys)
 from lorax_engine.errors import ArchitectureError
-from lorax_engine.keys import (canonical_to_kohya, module_to_canonical, split_key, text_encoder_shapes,
-                               underscore_to_dotted, unet_layout)
+from lorax_engine.files.architectures import (
+    SD15,
+    SDXL,
+    SSD1B,
+    VEGA,
+    detect_checkpoint_architecture,
+    detect_lora_architecture,
+    unet_config_from_keys,
+)
+from lorax_engine.files.keys import (
+    canonical_to_kohya,
+    module_to_canonical,
+    split_key,
+    text_encoder_shapes,
+    underscore_to_dotted,
+    unet_layout,
+)
 
 CONFIGS = {"sd15": SD15, "sdxl": SDXL, "ssd1b": SSD1B, "vega": VEGA}
 LORA_ARCH = {"sd15": "sd1", "sdxl": "sdxl"}

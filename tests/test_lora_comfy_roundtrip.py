@@ -11,9 +11,9 @@ import re
 import pytest
 import torch
 
-from lorax_engine.lora import LoraLayer, LoraModel
-from lorax_engine.lora_formats import write_lora
-from lorax_engine.safetensors_file import SafetensorsFile
+from lorax_engine.files.lora import LoraLayer, LoraModel
+from lorax_engine.files.lora_formats import write_lora
+from lorax_engine.files.safetensors_file import SafetensorsFile
 
 STRENGTH_MODEL, STRENGTH_CLIP = 0.7, 0.4
 RANK, ALPHA = 4, 3.0

@@ -11,8 +11,8 @@ import torch
 from safetensors import safe_open
 
 from lorax_engine.errors import LoraFileError, OutputPathError
-from lorax_engine.lora import LoraLayer, LoraModel
-from lorax_engine.lora_formats import lora_from_state_dict, read_lora, to_kohya_state_dict, write_lora
+from lorax_engine.files.lora import LoraLayer, LoraModel
+from lorax_engine.files.lora_formats import lora_from_state_dict, read_lora, to_kohya_state_dict, write_lora
 
 # one small layer of each kind, for tests that compare dense ΔW
 SMALL = ["diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight",

@@ -7,9 +7,9 @@ import re
 import pytest
 import torch
 
-from lorax_engine.base_weights import StateDictWeights
+from lorax_engine.analysis.matching import TargetIndex, compatibility, parse_key, select, stage_label
 from lorax_engine.errors import TransferOptionError
-from lorax_engine.matching import TargetIndex, compatibility, parse_key, select, stage_label
+from lorax_engine.files.base_weights import StateDictWeights
 
 
 def _model(zoo, unet_table, clip=True):

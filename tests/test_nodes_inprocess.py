@@ -91,7 +91,7 @@ def test_nodes_transfer_and_apply_like_the_stock_loader(comfy, pack, models, lor
 def test_apply_refuses_a_non_sdxl_model(pack, models, lora_file):
     nodes = pack.NODE_CLASS_MAPPINGS
     sd15, _, _ = models
-    from lorax_engine.lora import LoraModel
+    from lorax_engine.files.lora import LoraModel
     with pytest.raises(Exception, match="needs an SDXL model"):
         _run(nodes["LoRAX_ApplyToSDXL"], model=sd15, clip=None, projected_lora=LoraModel({}, "sdxl"),
              strength_model=1.0, strength_clip=1.0)

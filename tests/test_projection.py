@@ -6,9 +6,10 @@ import math
 import pytest
 import torch
 
+from lorax_engine.analysis.subspaces import Basis
 from lorax_engine.errors import TransferOptionError
-from lorax_engine.lora import LoraLayer
-from lorax_engine.projection import (
+from lorax_engine.files.lora import LoraLayer
+from lorax_engine.projection.operators import (
     check_mode,
     combine,
     compress,
@@ -19,7 +20,6 @@ from lorax_engine.projection import (
     project_subspace,
     projected_energy,
 )
-from lorax_engine.subspaces import Basis
 
 
 def _orthonormal(d, r, seed):

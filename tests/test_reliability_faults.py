@@ -26,8 +26,8 @@ from safetensors.torch import load_file, save_file
 
 import lorax_zoo
 from lorax_engine.cli import main
-from lorax_engine.lora_formats import read_lora
-from lorax_engine.safetensors_file import SafetensorsFile
+from lorax_engine.files.lora_formats import read_lora
+from lorax_engine.files.safetensors_file import SafetensorsFile
 
 # one layer of SD1.5's first attention stage: its 26 candidates in the tiny SDXL keep every run short
 KEYS = bad.GOOD_KEYS[:1]

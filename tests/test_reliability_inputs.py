@@ -19,7 +19,7 @@ from comfy_harness import REPO_ROOT
 from safetensors.torch import load_file
 
 from lorax_engine.cli import main
-from lorax_engine.lora_formats import MAX_METADATA_VALUE_CHARS, read_lora
+from lorax_engine.files.lora_formats import MAX_METADATA_VALUE_CHARS, read_lora
 
 RANK = "8"
 
@@ -197,8 +197,8 @@ def test_factors_beyond_float16_are_balanced_or_refused(tmp_path):
     """fp16 files hold at most 65504: a layer whose factors overflow alone but whose product fits is stored
     balanced (same update); one whose update itself is out of range is refused, never written as Inf."""
     from lorax_engine.errors import LoraFileError
-    from lorax_engine.lora import LoraLayer, LoraModel
-    from lorax_engine.lora_formats import write_lora
+    from lorax_engine.files.lora import LoraLayer, LoraModel
+    from lorax_engine.files.lora_formats import write_lora
 
     key = "diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_q.weight"
     g = torch.Generator().manual_seed(0)

@@ -24,11 +24,11 @@ import torch
 from comfy_harness import PromptError
 from safetensors.torch import load_file
 
-from lorax_engine.base_weights import CheckpointWeights
-from lorax_engine.lora_formats import read_lora
-from lorax_engine.safetensors_file import SafetensorsFile
-from lorax_engine.subspaces import SubspaceCache
-from lorax_engine.transfer import TransferOptions, transfer
+from lorax_engine.analysis.subspaces import SubspaceCache
+from lorax_engine.files.base_weights import CheckpointWeights
+from lorax_engine.files.lora_formats import read_lora
+from lorax_engine.files.safetensors_file import SafetensorsFile
+from lorax_engine.projection.transfer import TransferOptions, transfer
 
 pytestmark = pytest.mark.server
 

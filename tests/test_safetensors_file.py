@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from lorax_engine.errors import LoraFileError
-from lorax_engine.safetensors_file import SafetensorsFile, load_state_dict_file
+from lorax_engine.files.safetensors_file import SafetensorsFile, load_state_dict_file
 
 
 def _tensors():

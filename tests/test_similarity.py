@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from lorax_engine.similarity import PairStore, layer_similarity, side_similarity
-from lorax_engine.subspaces import Basis, SubspaceSpec, compute_basis
+from lorax_engine.analysis.similarity import PairStore, layer_similarity, side_similarity
+from lorax_engine.analysis.subspaces import Basis, SubspaceSpec, compute_basis
 
 
 def _orth(d, r, seed):
@@ -109,7 +109,7 @@ def test_pair_store_round_trips_through_disk_and_ignores_damage(tmp_path):
 def test_plot_draws_verdicts_threshold_and_returns_an_image_array(tmp_path):
     from PIL import Image
 
-    from lorax_engine.plot import APPLIED, DROPPED, THRESH, plot_similarity
+    from lorax_engine.reports.plot import APPLIED, DROPPED, THRESH, plot_similarity
 
     rows = [{"key": "a", "side": "clip_l", "block": "clip_l.layers.0", "scores": [1.0, 0.0], "best": 1.0,
              "applied": True},

@@ -13,10 +13,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from lorax_engine.base_weights import CheckpointWeights, StateDictWeights, tensor_fingerprint
+from lorax_engine.analysis.subspaces import SubspaceCache, SubspaceSpec, compute_basis
 from lorax_engine.errors import LoraFileError, TransferOptionError
-from lorax_engine.safetensors_file import SafetensorsFile
-from lorax_engine.subspaces import SubspaceCache, SubspaceSpec, compute_basis
+from lorax_engine.files.base_weights import CheckpointWeights, StateDictWeights, tensor_fingerprint
+from lorax_engine.files.safetensors_file import SafetensorsFile
 from lorax_zoo import spectral_matrix
 
 
@@ -103,7 +103,7 @@ def test_gram_basis_is_close_to_exact_and_orthonormal(shape):
 def test_randomized_similarities_agree_with_exact(sketch_dtype):
     """Screening accuracy (transfer.py's fast path) on zoo-like weights: a drifted copy and an unrelated
     weight score within 0.01 of what exact bases give, in either sketch dtype."""
-    from lorax_engine.similarity import layer_similarity
+    from lorax_engine.analysis.similarity import layer_similarity
 
     w = spectral_matrix(640, 640, _gen(7))
     low_rank = torch.randn(640, 4, generator=_gen(8)) @ torch.randn(4, 640, generator=_gen(9))

@@ -11,14 +11,20 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from lorax_engine.base_weights import CheckpointWeights, StateDictWeights
+from lorax_engine.analysis.matching import DEFAULT_THRESHOLD
+from lorax_engine.analysis.subspaces import SubspaceCache
 from lorax_engine.errors import IncompatibleLoraError, TransferOptionError
-from lorax_engine.lora import LoraLayer, LoraModel
-from lorax_engine.lora_formats import read_lora, write_lora
-from lorax_engine.matching import DEFAULT_THRESHOLD
-from lorax_engine.projection import project_subspace
-from lorax_engine.subspaces import SubspaceCache
-from lorax_engine.transfer import TransferCancelled, TransferOptions, compute_similarity_map, project, transfer
+from lorax_engine.files.base_weights import CheckpointWeights, StateDictWeights
+from lorax_engine.files.lora import LoraLayer, LoraModel
+from lorax_engine.files.lora_formats import read_lora, write_lora
+from lorax_engine.projection.operators import project_subspace
+from lorax_engine.projection.transfer import (
+    TransferCancelled,
+    TransferOptions,
+    compute_similarity_map,
+    project,
+    transfer,
+)
 
 UNET = "diffusion_model."
 SD15_FILE_PREFIX = {"diffusion_model.": "model.diffusion_model.",

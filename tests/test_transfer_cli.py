@@ -12,11 +12,11 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from lorax_engine.base_weights import CheckpointWeights
+from lorax_engine.analysis.subspaces import SubspaceCache
 from lorax_engine.cli import main
-from lorax_engine.lora_formats import read_lora
-from lorax_engine.subspaces import SubspaceCache
-from lorax_engine.transfer import TransferOptions, transfer
+from lorax_engine.files.base_weights import CheckpointWeights
+from lorax_engine.files.lora_formats import read_lora
+from lorax_engine.projection.transfer import TransferOptions, transfer
 
 KEYS = [
     "diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_q.weight",

@@ -7,10 +7,9 @@ import json
 
 import pytest
 import torch
+from comfy_harness import REPO_ROOT
 from PIL import Image
 from safetensors.torch import load_file
-
-from comfy_harness import REPO_ROOT
 from workflow_format import ui_to_api
 
 pytestmark = pytest.mark.server

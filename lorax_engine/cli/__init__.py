@@ -11,13 +11,13 @@ import importlib
 import os
 import sys
 
-from . import __version__
-from .errors import LoraXError
+from .. import __version__
+from ..errors import LoraXError
 
 COMMAND_MODULES = (
-    "lorax_engine.inspect",
-    "lorax_engine.cli_transfer",
-    "lorax_engine.cli_cache",
+    "lorax_engine.reports.inspect",
+    "lorax_engine.cli.transfer",
+    "lorax_engine.cli.cache",
 )
 
 EXIT_USER_ERROR = 2

@@ -12,8 +12,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from .errors import OutputPathError
-from .subspaces import default_cache_dir
+from ..analysis.subspaces import default_cache_dir
+from ..errors import OutputPathError
 
 PARTS = ("bases", "pairs", "fingerprints")
 

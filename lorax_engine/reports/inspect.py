@@ -6,10 +6,10 @@ import math
 from collections import Counter
 from pathlib import Path
 
-from .architectures import detect_lora_architecture, lora_unet_config
-from .keys import TEXT_ENCODER_PREFIXES, UNET_PREFIX, unet_layout
-from .lora import LoraModel
-from .lora_formats import load_lora_file, lora_from_state_dict
+from ..files.architectures import detect_lora_architecture, lora_unet_config
+from ..files.keys import TEXT_ENCODER_PREFIXES, UNET_PREFIX, unet_layout
+from ..files.lora import LoraModel
+from ..files.lora_formats import load_lora_file, lora_from_state_dict
 
 METADATA_VALUE_CHARS = 160
 TOP_TAGS = 10

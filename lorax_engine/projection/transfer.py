@@ -28,10 +28,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
-from .base_weights import tensor_fingerprint
-from .errors import IncompatibleLoraError, LoraXError, TransferOptionError
-from .lora import LoraLayer, LoraModel
-from .matching import (
+from ..analysis.matching import (
     DEFAULT_POLICY,
     DEFAULT_THRESHOLD,
     DROP_BELOW_THRESHOLD,
@@ -44,7 +41,21 @@ from .matching import (
     parse_key,
     select,
 )
-from .projection import (
+from ..analysis.similarity import LayerSimilarity, PairStore, layer_similarity, similarity_dict
+from ..analysis.subspaces import (
+    ALGORITHM_VERSION,
+    DEFAULT_RANK,
+    CacheStats,
+    SubspaceCache,
+    SubspaceSpec,
+    fast_sketch_dtype,
+    matrix_shape,
+)
+from ..errors import IncompatibleLoraError, LoraXError, TransferOptionError
+from ..files.base_weights import tensor_fingerprint
+from ..files.lora import LoraLayer, LoraModel
+from ..reports.report import CandidateRecord, LayerRecord, Report, TargetRecord
+from .operators import (
     DEFAULT_MODE,
     check_mode,
     combine,
@@ -54,17 +65,6 @@ from .projection import (
     project_null,
     project_subspace,
     projected_energy,
-)
-from .report import CandidateRecord, LayerRecord, Report, TargetRecord
-from .similarity import LayerSimilarity, PairStore, layer_similarity, similarity_dict
-from .subspaces import (
-    ALGORITHM_VERSION,
-    DEFAULT_RANK,
-    CacheStats,
-    SubspaceCache,
-    SubspaceSpec,
-    fast_sketch_dtype,
-    matrix_shape,
 )
 
 TRANSFER_METHODS = ("fast", "exact")

@@ -38,7 +38,7 @@ exact method.
 
 Cache (:class:`SubspaceCache`): an in-memory LRU bounded in bytes plus an optional on-disk cache. The key
 is the weight's content fingerprint (sha256 of its stored bytes, dtype and shape; see
-:mod:`lorax_engine.base_weights`), its matrix shape, the effective method with all its parameters, the
+:mod:`lorax_engine.files.base_weights`), its matrix shape, the effective method with all its parameters, the
 output dtype and an algorithm version, so a stale basis cannot be served. Disk entries are safetensors
 files written atomically (temporary file + ``os.replace``) and validated on read (key, checksum, shapes, dtype,
 finite values, unit columns); a bad entry is deleted and recomputed. No pickle anywhere.
@@ -58,8 +58,8 @@ from pathlib import Path
 
 import torch
 
-from .atomic import atomic_path
-from .errors import LoraFileError, TransferOptionError
+from ..atomic import atomic_path
+from ..errors import LoraFileError, TransferOptionError
 
 ALGORITHM_VERSION = 2
 METHODS = ("exact", "gram", "randomized")
@@ -456,7 +456,7 @@ def _all_finite(t: torch.Tensor) -> bool:
 
 def _checksum(tensors: dict[str, torch.Tensor]) -> str:
     """sha256 of an entry's tensors: catches damage that leaves the shapes and unit columns intact."""
-    from .base_weights import tensor_fingerprint  # local: keeps this module importable on its own
+    from ..files.base_weights import tensor_fingerprint  # local: keeps this module importable on its own
 
     return hashlib.sha256("|".join(f"{k}={tensor_fingerprint(t)}" for k, t in sorted(tensors.items())).encode()
                           ).hexdigest()

@@ -35,7 +35,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from .errors import TransferOptionError
+from ..errors import TransferOptionError
 
 POLICIES = ("best", "all-above-threshold", "spread")
 DEFAULT_POLICY = "best"

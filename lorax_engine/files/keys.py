@@ -1,6 +1,6 @@
 """LoRA key names: every common scheme parsed into canonical base-weight keys, and back to kohya names.
 
-Canonical keys are ComfyUI model state-dict keys (see :mod:`lorax_engine.lora`). A LoRA file key is
+Canonical keys are ComfyUI model state-dict keys (see :mod:`lorax_engine.files.lora`). A LoRA file key is
 split into a *module* (which weight it patches, in the file's naming) and a *part* (which factor:
 up, down, alpha, hada_w1_a, ...). Modules are named in one of these schemes:
 
@@ -21,8 +21,8 @@ import functools
 import re
 from dataclasses import dataclass
 
+from ..errors import ArchitectureError
 from .architectures import UNetConfig, lora_unet_config
-from .errors import ArchitectureError
 
 UNET_PREFIX = "diffusion_model."
 TEXT_ENCODER_PREFIXES = {"clip_l": "clip_l.transformer.", "clip_g": "clip_g.transformer."}

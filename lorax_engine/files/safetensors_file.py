@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import LoraFileError
+from ..errors import LoraFileError
 
 # safetensors dtype name -> (torch dtype, bytes per element)
 DTYPES: dict[str, tuple[torch.dtype, int]] = {

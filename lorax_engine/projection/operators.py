@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import torch
 
-from .errors import TransferOptionError
-from .lora import LoraLayer
-from .subspaces import Basis
+from ..analysis.subspaces import Basis
+from ..errors import TransferOptionError
+from ..files.lora import LoraLayer
 
 MODES = ("subspace", "subspace+null", "direct")
 DEFAULT_MODE = "subspace"

@@ -19,17 +19,17 @@ import sys
 import time
 from pathlib import Path
 
-from .atomic import write_text_atomic
-from .base_weights import CheckpointWeights
-from .errors import LoraXError, OutputPathError, TransferOptionError
-from .lora_formats import read_lora, write_lora
-from .matching import DEFAULT_THRESHOLD, POLICIES
-from .output_names import sanitize_stem, unique_output_path
-from .plot import plot_similarity
-from .projection import MODES
-from .safetensors_file import PICKLE_SUFFIXES
-from .subspaces import DEFAULT_RANK, SubspaceCache, default_cache_dir
-from .transfer import TransferOptions, compute_similarity_map, transfer
+from ..analysis.matching import DEFAULT_THRESHOLD, POLICIES
+from ..analysis.subspaces import DEFAULT_RANK, SubspaceCache, default_cache_dir
+from ..atomic import write_text_atomic
+from ..errors import LoraXError, OutputPathError, TransferOptionError
+from ..files.base_weights import CheckpointWeights
+from ..files.lora_formats import read_lora, write_lora
+from ..files.output_names import sanitize_stem, unique_output_path
+from ..files.safetensors_file import PICKLE_SUFFIXES
+from ..projection.operators import MODES
+from ..projection.transfer import TransferOptions, compute_similarity_map, transfer
+from ..reports.plot import plot_similarity
 
 LORA_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)   # what ``batch`` picks up in a folder
 

@@ -18,8 +18,8 @@ from pathlib import Path
 import safetensors.torch
 import torch
 
+from ..errors import LoraFileError, OutputPathError
 from .architectures import detect_lora_architecture
-from .errors import LoraFileError, OutputPathError
 from .keys import KeyPart, canonical_to_kohya, expected_shape, module_to_canonical, split_key
 from .lora import LoraLayer, LoraModel
 from .safetensors_file import PICKLE_SUFFIXES, SafetensorsFile, check_regular_file, load_state_dict_file

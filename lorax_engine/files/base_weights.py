@@ -32,9 +32,9 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+from ..atomic import write_text_atomic
+from ..errors import LoraFileError
 from .architectures import detect_checkpoint_architecture
-from .atomic import write_text_atomic
-from .errors import LoraFileError
 from .safetensors_file import SafetensorsFile
 
 UNET = "diffusion_model."

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from .atomic import write_text_atomic
+from ..atomic import write_text_atomic
 from .subspaces import Basis
 
 

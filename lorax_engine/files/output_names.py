@@ -9,7 +9,7 @@ import re
 import unicodedata
 from pathlib import Path
 
-from .errors import OutputPathError
+from ..errors import OutputPathError
 
 # Windows refuses these as file stems whatever the extension; files shared across OSes must avoid them.
 _RESERVED_STEMS = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(10)), *(f"lpt{i}" for i in range(10))}
