@@ -1,5 +1,6 @@
 """What the nodes need from ComfyUI, in one place: base weights of MODEL/CLIP patchers, the compute
-device, progress and Cancel hooks, the shared subspace cache, and clean node errors."""
+device, progress and Cancel hooks, the shared subspace cache (emptied when ComfyUI frees memory), which
+files a path input may read, and clean node errors."""
 from __future__ import annotations
 
 import functools
@@ -12,9 +13,11 @@ import comfy.utils
 import folder_paths
 import torch
 
-from ..lorax_engine.analysis.subspaces import SubspaceCache
+from ..lorax_engine.analysis.disk_budget import disk_budget_bytes, env_bytes, evict_to
+from ..lorax_engine.analysis.subspaces import DEFAULT_MEMORY_BYTES, SubspaceCache
 from ..lorax_engine.errors import LoraXError
 from ..lorax_engine.files.base_weights import as_matrix, tensor_fingerprint
+from ..lorax_engine.files.provenance import UNKNOWN_MODEL
 
 # ComfyUI's model config class -> the engine's architecture names (anything else is detected from shapes)
 _ARCHITECTURES = {"SD15": "sd1", "SDXL": "sdxl", "SSD1B": "ssd1b", "Segmind_Vega": "vega"}
@@ -62,15 +65,100 @@ def stop_if_cancelled() -> bool:
     return False
 
 
+MEMORY_BUDGET_ENV = "LORAX_MEMORY_CACHE_MB"
+ALLOW_ANY_PATH_ENV = "LORAX_ALLOW_ANY_PATH"
+
 _cache = None
+_free_hooks: list = []      # functions emptying in-memory caches, called when ComfyUI frees memory
+
+
+def memory_budget_bytes() -> int:
+    """``$LORAX_MEMORY_CACHE_MB`` in bytes (default the engine's 1 GiB): the bound of each in-memory cache."""
+    return env_bytes(MEMORY_BUDGET_ENV, DEFAULT_MEMORY_BYTES / 2**20, 2**20)
 
 
 def subspace_cache() -> SubspaceCache:
     """One cache per ComfyUI process (bases reused across prompts), persisted under the user folder."""
     global _cache
     if _cache is None:
-        _cache = SubspaceCache(directory=os.path.join(folder_paths.get_user_directory(), "lorax_cache", "subspaces"))
+        _cache = SubspaceCache(directory=os.path.join(folder_paths.get_user_directory(), "lorax_cache", "subspaces"),
+                               memory_bytes=memory_budget_bytes())
     return _cache
+
+
+def after_transfer():
+    """Keep the disk cache within ``$LORAX_DISK_CACHE_GB`` (least recently used bases go first)."""
+    if _cache is not None:
+        evict_to(_cache.directory, disk_budget_bytes())
+
+
+def on_free_memory(hook):
+    """Register ``hook()`` to empty an in-memory cache whenever ComfyUI frees memory; returns ``hook``."""
+    _free_hooks.append(hook)
+    return hook
+
+
+@on_free_memory
+def _free_subspace_cache():
+    if _cache is not None:
+        _cache.clear_memory()
+        _cache.pairs = None       # the pair scores stay on disk; the transfer reopens the store on next use
+
+
+def free_memory_caches():
+    """Empty every in-memory cache of the pack (what ComfyUI's "free memory" triggers)."""
+    for hook in _free_hooks:
+        hook()
+
+
+def install_free_memory_hook():
+    """Empty the pack's caches whenever ComfyUI unloads all models: the "Unload models" / "Free memory" buttons
+    (POST /free, handled by main.prompt_worker), an out-of-memory error, and --disable-smart-memory after
+    each prompt. ComfyUI offers no hook for this, so ``comfy.model_management.unload_all_models`` (which
+    all of those call) is wrapped; core's behaviour is unchanged, the caches are emptied after it."""
+    original = comfy.model_management.unload_all_models
+    if getattr(original, "lorax_wrapped", False):
+        return
+
+    @functools.wraps(original)
+    def unload_all_models(*args, **kwargs):
+        try:
+            return original(*args, **kwargs)
+        finally:
+            free_memory_caches()
+
+    unload_all_models.lorax_wrapped = True
+    comfy.model_management.unload_all_models = unload_all_models
+
+
+def _inside(path: str, folders) -> bool:
+    for folder in folders:
+        root = os.path.realpath(folder)
+        try:
+            if os.path.commonpath([root, path]) == root:
+                return True
+        except ValueError:      # another drive (Windows)
+            continue
+    return False
+
+
+def checked_path(text: str, kind: str, input_name: str) -> str:
+    """The real path of a file typed into ``input_name``, if it lies in one of ComfyUI's ``kind`` folders
+    (links resolved first), or anywhere with ``LORAX_ALLOW_ANY_PATH=1``. Otherwise one refusal that says
+    nothing about the server's files: not whether the path exists, nor where it leads."""
+    path = os.path.realpath(os.path.expanduser(text.strip()))
+    if os.environ.get(ALLOW_ANY_PATH_ENV) == "1" or _inside(path, folder_paths.get_folder_paths(kind)):
+        return path
+    raise NodeError(f"{input_name}: only files inside ComfyUI's models/{kind} folders can be read; choose the "
+                    f"file from the list, or start ComfyUI with {ALLOW_ANY_PATH_ENV}=1 to allow any path")
+
+
+def listed_file(kind: str, name: str, input_name: str) -> str:
+    """The full path of a file chosen from ComfyUI's list of ``kind`` files (as core's loaders resolve it)."""
+    path = folder_paths.get_full_path(kind, name)
+    if path is None:
+        raise NodeError(f"{input_name}: {name!r} was not found in the {kind} folders")
+    return path
 
 
 def is_sdxl(model) -> bool:
@@ -111,7 +199,7 @@ class PatcherWeights:
     patched), so LoRAs already applied to the inputs do not leak into the subspaces. Nothing is modified.
     """
 
-    def __init__(self, model, clip=None, name: str = "model"):
+    def __init__(self, model, clip=None, name: str = UNKNOWN_MODEL):
         self.name = name
         config = type(model.model.model_config).__name__
         self.architecture = _ARCHITECTURES.get(config, "unknown")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
 from dataclasses import replace
 
 import comfy.sd
@@ -10,15 +11,25 @@ import torch
 
 from ..lorax_engine.analysis.matching import DEFAULT_POLICY, DEFAULT_THRESHOLD, POLICIES
 from ..lorax_engine.analysis.subspaces import DEFAULT_RANK
+from ..lorax_engine.files.base_weights import CheckpointWeights
+from ..lorax_engine.files.keys import UNET_PREFIX
 from ..lorax_engine.files.lora import LoraLayer, LoraModel
-from ..lorax_engine.files.lora_formats import read_lora, to_kohya_state_dict, write_lora
-from ..lorax_engine.files.output_names import unique_output_path
+from ..lorax_engine.files.lora_formats import read_lora, to_kohya_state_dict
+from ..lorax_engine.files.output_names import sanitize_stem
+from ..lorax_engine.files.provenance import (
+    attach,
+    file_stamp,
+    format_provenance,
+    source_provenance,
+    write_lora_with_provenance,
+)
 from ..lorax_engine.projection.operators import DEFAULT_MODE, MODES
 from ..lorax_engine.projection.transfer import (
     TRANSFER_METHODS,
     TransferOptions,
     compute_similarity_map,
     project,
+    transfer,
 )
 from ..lorax_engine.reports.grid import labelled_grid
 from ..lorax_engine.reports.plot import plot_similarity
@@ -26,9 +37,14 @@ from .comfy_bridge import (
     ComfyProgress,
     NodeError,
     PatcherWeights,
+    after_transfer,
+    checked_path,
     compute_device,
     engine_device,
     is_sdxl,
+    listed_file,
+    memory_budget_bytes,
+    on_free_memory,
     stop_if_cancelled,
     subspace_cache,
     user_errors,
@@ -39,7 +55,39 @@ CATEGORY = "LoRA-X"
 LORA_TYPE = "LORAX_LORA"               # a canonical LoRA as read from a file (source architecture)
 MAP_TYPE = "LORAX_SUBSPACE_MAP"        # per-layer similarities of two base models
 PROJECTED_TYPE = "LORAX_PROJECTED_LORA"  # a LoRA projected into the target's subspaces
-SAVE_LOCATIONS = ("output/loras", "models/loras/lorax")
+SAVE_LOCATIONS = ("output", "models/loras/lorax")   # the folder filename_prefix is relative to
+
+_DEFAULTS = TransferOptions()
+MODE_TOOLTIP = ("auto (default): similarity-weighted (METHOD §2): the identity on identical layers, the paper's "
+                "Eq. 3 on near-chance pairs, continuous in between; subspace: the paper's Eq. 3 literally "
+                "(B' = U U^T B, A' = A V V^T); subspace+null: weight 1 on each side, also carrying the part outside "
+                "the source subspace into the target's complement (ProLoRA-like); direct: baseline copy where "
+                "shapes agree (what a stock loader does), for comparison only.")
+
+
+def option_inputs() -> dict:
+    """The transfer options' widgets, with the engine's choices and defaults (rank, threshold, policy, method)."""
+    return {
+        "rank": ("INT", {"default": DEFAULT_RANK, "min": 8, "max": 4096, "step": 8,
+                         "tooltip": "r: size of the singular subspaces compared and projected onto "
+                                    "(the paper uses 320)."}),
+        "threshold": ("FLOAT", {"default": DEFAULT_THRESHOLD, "min": -1.0, "max": 1.0, "step": 0.01,
+                                "tooltip": "Minimum normalised score for a layer pair to be used "
+                                           "(0 = chance level, 1 = identical subspaces)."}),
+        "policy": (list(POLICIES), {"default": DEFAULT_POLICY,
+                                    "tooltip": "best: to the most similar target (each SD1.5 transformer block "
+                                               "goes whole to one SDXL block); all-above-threshold: to every "
+                                               "target above the threshold; spread: to every target of its "
+                                               "stage, strength divided by their count."}),
+        "method": (list(TRANSFER_METHODS), {"default": _DEFAULTS.method,
+                                            "tooltip": "fast: randomised SVD to score candidates, Gram-matrix "
+                                                       "SVD (within ~5e-4 of exact) to project; exact: exact "
+                                                       "SVD for both."}),
+    }
+
+
+def mode_input():
+    return (list(MODES), {"default": DEFAULT_MODE, "tooltip": MODE_TOOLTIP})
 
 
 def _scaled(lora: LoraModel, strength: float) -> LoraModel:
@@ -70,19 +118,17 @@ class LoadSourceLoRA:
                                        "tooltip": "Scales the LoRA before transfer (1.0 = as trained)."}),
             },
             "optional": {
-                "lora_path": ("STRING", {"default": "", "tooltip": "Optional full path to a LoRA file "
-                                         "outside models/loras; when set it replaces lora_name."}),
+                "lora_path": ("STRING", {"default": "", "tooltip": "Optional path to a LoRA file inside the "
+                                         "models/loras folders (links resolved); when set it replaces lora_name. "
+                                         "Paths elsewhere need LORAX_ALLOW_ANY_PATH=1 when ComfyUI starts."}),
             },
         }
 
     @staticmethod
     def _path(lora_name, lora_path=""):
         if lora_path and lora_path.strip():
-            return os.path.expanduser(lora_path.strip())
-        path = folder_paths.get_full_path("loras", lora_name)
-        if path is None:
-            raise NodeError(f"LoRA {lora_name!r} was not found in the loras folders")
-        return path
+            return checked_path(lora_path, "loras", "lora_path")
+        return listed_file("loras", lora_name, "lora_name")
 
     @classmethod
     def IS_CHANGED(cls, lora_name, strength, lora_path=""):
@@ -125,21 +171,7 @@ class SubspaceSimilarity:
             "required": {
                 "source_model": ("MODEL", {"tooltip": "The model the LoRA was trained on (SD1.5)."}),
                 "target_model": ("MODEL", {"tooltip": "The model to carry the LoRA to (SDXL)."}),
-                "rank": ("INT", {"default": DEFAULT_RANK, "min": 8, "max": 4096, "step": 8,
-                                 "tooltip": "r: size of the singular subspaces compared and projected onto "
-                                            "(the paper uses 320)."}),
-                "threshold": ("FLOAT", {"default": DEFAULT_THRESHOLD, "min": -1.0, "max": 1.0, "step": 0.01,
-                                        "tooltip": "Minimum normalised score for a layer pair to be used "
-                                                   "(0 = chance level, 1 = identical subspaces)."}),
-                "policy": (list(POLICIES), {"default": DEFAULT_POLICY,
-                                            "tooltip": "best: each source layer to its most similar target "
-                                                       "layer; all-above-threshold: to every target above the "
-                                                       "threshold; spread: to every target of its stage, "
-                                                       "strength divided by their count."}),
-                "method": (list(TRANSFER_METHODS), {"default": "fast",
-                                                    "tooltip": "fast: randomised SVD to score candidates, "
-                                                               "Gram-matrix SVD (within ~5e-4 of exact) to project; "
-                                                               "exact: exact SVD for both."}),
+                **option_inputs(),
             },
             "optional": {
                 "source_clip": ("CLIP", {"tooltip": "Source text encoder, to carry the LoRA's text-encoder "
@@ -154,12 +186,14 @@ class SubspaceSimilarity:
     @user_errors
     def compare(self, source_model, target_model, rank, threshold, policy, method, source_clip=None,
                 target_clip=None, lora=None, unique_id=None):
-        source = PatcherWeights(source_model, source_clip, name="source model")
-        target = PatcherWeights(target_model, target_clip, name="target model")
+        # a MODEL input does not tell which file it came from: the report says so rather than invent a name
+        source = PatcherWeights(source_model, source_clip)
+        target = PatcherWeights(target_model, target_clip)
         options = TransferOptions(rank=rank, method=method, threshold=threshold, policy=policy,
                                   device=engine_device())
         smap = compute_similarity_map(source, target, options, lora=lora, cache=subspace_cache(),
                                       progress=ComfyProgress(unique_id), should_stop=stop_if_cancelled)
+        after_transfer()
         rows = smap.plot_rows()
         image = plot_similarity(rows, threshold=threshold,
                                 title=f"LoRA-X similarity {source.architecture} -> {target.architecture}, r={rank}")
@@ -186,11 +220,7 @@ class ProjectLoRAX:
             "required": {
                 "lora": (LORA_TYPE, {"tooltip": "The source LoRA (from Load Source LoRA)."}),
                 "subspace_map": (MAP_TYPE, {"tooltip": "Layer similarities (from Subspace Similarity)."}),
-                "mode": (list(MODES), {"default": DEFAULT_MODE,
-                                       "tooltip": "subspace: paper Eq. 3 (default); subspace+null: also "
-                                                  "carries the part outside the source subspace into the "
-                                                  "target's complement; direct: baseline copy where shapes "
-                                                  "agree (what a stock loader does), for comparison only."}),
+                "mode": mode_input(),
                 "rank_cap": ("INT", {"default": 0, "min": 0, "max": 1024,
                                      "tooltip": "Cap each output layer's rank by truncated SVD (0 = no cap)."}),
             },
@@ -202,14 +232,40 @@ class ProjectLoRAX:
         options = replace(subspace_map.options, mode=mode, output_rank=rank_cap or None)
         projected, report = project(lora, subspace_map, options, progress=ComfyProgress(unique_id),
                                     should_stop=stop_if_cancelled)
-        projected.metadata.update(lora_provenance(lora))
+        after_transfer()
+        provenance = source_provenance(lora_path=lora.source_path, memo_dir=_memo_dir())
+        attach(projected, report, {**provenance, "lorax.source_format": lora.source_format})
         return {"ui": {"lorax": [transfer_summary(report)]},
-                "result": (projected, report.format_table())}
+                "result": (projected, _report_text(report))}
 
 
-def lora_provenance(lora: LoraModel) -> dict[str, str]:
-    return {"lorax.source_file": os.path.basename(lora.source_path or ""),
-            "lorax.source_format": lora.source_format}
+def _memo_dir():
+    directory = subspace_cache().directory
+    return directory / "fingerprints" if directory is not None else None
+
+
+def _report_text(report) -> str:
+    return f"{report.format_table()}\n{format_provenance(report.provenance)}"
+
+
+def _check_sdxl(model, node: str):
+    if not is_sdxl(model):
+        kind = type(model.model.model_config).__name__
+        raise NodeError(f"{node} needs an SDXL model, but the model input is {kind}; "
+                        "connect the SDXL checkpoint's MODEL output")
+
+
+def apply_projected(model, clip, projected_lora: LoraModel, strength_model: float, strength_clip: float):
+    """Patch MODEL and CLIP through ComfyUI's own LoRA loading, as the stock LoRA loader does; returns the
+    patched pair and the verdict line."""
+    if projected_lora.architecture != "sdxl":
+        raise NodeError(f"the projected LoRA is for {projected_lora.architecture!r}, not SDXL; project it "
+                        "with an SDXL target model")
+    # float32 so the patch equals the projected update exactly (ComfyUI computes patches in float32)
+    lora_sd = to_kohya_state_dict(projected_lora, "sdxl", dtype=torch.float32)
+    new_model, new_clip = comfy.sd.load_lora_for_models(model, clip, lora_sd, strength_model, strength_clip)
+    unet, text = len(projected_lora.unet_keys()), len(projected_lora.text_keys())
+    return new_model, new_clip, f"patched {unet} UNet + {text} text-encoder weights"
 
 
 class ApplyToSDXL:
@@ -238,25 +294,17 @@ class ApplyToSDXL:
 
     @user_errors
     def apply(self, model, clip, projected_lora, strength_model, strength_clip):
-        if not is_sdxl(model):
-            kind = type(model.model.model_config).__name__
-            raise NodeError(f"Apply to SDXL needs an SDXL model, but the model input is {kind}; "
-                            "connect the SDXL checkpoint's MODEL output")
-        if projected_lora.architecture != "sdxl":
-            raise NodeError(f"the projected LoRA is for {projected_lora.architecture!r}, not SDXL; project it "
-                            "with an SDXL target model")
-        # float32 so the patch equals the projected update exactly (ComfyUI computes patches in float32)
-        lora_sd = to_kohya_state_dict(projected_lora, "sdxl", dtype=torch.float32)
-        new_model, new_clip = comfy.sd.load_lora_for_models(model, clip, lora_sd, strength_model, strength_clip)
-        unet, text = len(projected_lora.unet_keys()), len(projected_lora.text_keys())
-        summary = {"verdict": "good" if unet + text else "none",
-                   "lines": [f"patched {unet} UNet + {text} text-encoder weights"]}
+        _check_sdxl(model, "Apply to SDXL")
+        new_model, new_clip, line = apply_projected(model, clip, projected_lora, strength_model, strength_clip)
+        summary = {"verdict": "good" if projected_lora.layers else "none", "lines": [line]}
         return {"ui": {"lorax": [summary]}, "result": (new_model, new_clip)}
 
 
 class SaveLoRAX:
     DESCRIPTION = ("Saves a projected LoRA as a standard SDXL LoRA (kohya/SAI names and metadata, trigger "
-                   "words kept) that any loader in any UI can apply. Never overwrites: a counter is added.")
+                   "words kept, the source files with their sha256, kohya and ModelSpec hashes) that any loader "
+                   "in any UI can apply. Names follow ComfyUI's Save nodes: filename_prefix may hold subfolders "
+                   "and a _00001_ counter is added, never overwriting.")
     CATEGORY = CATEGORY
     FUNCTION = "save"
     OUTPUT_NODE = True
@@ -269,34 +317,177 @@ class SaveLoRAX:
         return {
             "required": {
                 "projected_lora": (PROJECTED_TYPE, {"tooltip": "From Project LoRA-X."}),
-                "filename": ("STRING", {"default": "lorax_sdxl",
-                                        "tooltip": "File name (without folders); unsafe characters are replaced."}),
+                "filename_prefix": ("STRING", {"default": "loras/lorax_sdxl",
+                                               "tooltip": "File name prefix inside the save_to folder, with "
+                                                          "optional subfolders, as in core's Save nodes; a "
+                                                          "counter is appended (lorax_sdxl_00001_)."}),
                 "save_to": (list(SAVE_LOCATIONS), {"default": SAVE_LOCATIONS[0],
-                                                   "tooltip": "output/loras (default), or models/loras/lorax "
-                                                              "so it appears in the LoRA loaders' list."}),
+                                                   "tooltip": "output (default), or models/loras/lorax so it "
+                                                              "appears in the LoRA loaders' list."}),
             },
         }
 
     @staticmethod
-    def _folder(save_to):
+    def _root(save_to):
         if save_to == SAVE_LOCATIONS[1]:
             return os.path.join(folder_paths.get_folder_paths("loras")[0], "lorax")
-        return os.path.join(folder_paths.get_output_directory(), "loras")
+        return folder_paths.get_output_directory()
+
+    @staticmethod
+    def _target(root: str, filename_prefix: str) -> str:
+        """``<root>/<subfolders>/<name>_<counter>_.safetensors`` with core's counter; never an existing file."""
+        try:
+            folder, name, counter, _, _ = folder_paths.get_save_image_path(filename_prefix, root)
+        except Exception:       # core raises a bare Exception (and logs the paths) for a prefix leaving the folder
+            raise NodeError(f"filename_prefix {filename_prefix!r} leaves the {os.path.basename(root)} folder; "
+                            "use a relative name such as loras/lorax_sdxl") from None
+        stem = sanitize_stem(name)
+        while os.path.lexists(path := os.path.join(folder, f"{stem}_{counter:05}_.safetensors")):
+            counter += 1
+        return path
 
     @user_errors
-    def save(self, projected_lora, filename, save_to):
+    def save(self, projected_lora, filename_prefix, save_to):
         if save_to not in SAVE_LOCATIONS:
             raise NodeError(f"save_to must be one of {', '.join(SAVE_LOCATIONS)}")
-        folder = self._folder(save_to)
+        root = os.path.realpath(self._root(save_to))
         try:
-            os.makedirs(folder, exist_ok=True)
+            os.makedirs(root, exist_ok=True)
         except OSError as err:
-            raise NodeError(f"{folder}: the output folder cannot be created ({err.strerror or err})") from None
-        path = unique_output_path(folder, filename)
-        write_lora(projected_lora, path, architecture=projected_lora.architecture)
-        return {"ui": {"lorax": [{"verdict": "good", "lines": [f"saved {path.name}"]}],
-                       "text": [str(path)]},
-                "result": (str(path),)}
+            raise NodeError(f"{root}: the output folder cannot be created ({err.strerror or err})") from None
+        path = self._target(root, filename_prefix)
+        write_lora_with_provenance(projected_lora, path, architecture=projected_lora.architecture)
+        return {"ui": {"lorax": [{"verdict": "good", "lines": [f"saved {os.path.basename(path)}"]}],
+                       "text": [path]},
+                "result": (path,)}
+
+
+class _ProjectedMemo:
+    """Projected LoRAs of the one-node loader, by (LoRA file, checkpoint file, options, CLIP connected), each
+    valid while the target weights it was computed against are unchanged (content fingerprints, memoised per
+    live tensor, so checking costs no hashing). Bounded in bytes (``$LORAX_MEMORY_CACHE_MB``), least recently
+    used first out; emptied when ComfyUI frees memory."""
+
+    def __init__(self):
+        self._entries: OrderedDict = OrderedDict()
+        self.hits = self.misses = 0
+
+    def get(self, key, target: PatcherWeights):
+        entry = self._entries.get(key)
+        if entry is None or any(k not in target or target.fingerprint(k) != fp for k, fp in entry[2].items()):
+            self.misses += 1
+            return None
+        self._entries.move_to_end(key)
+        self.hits += 1
+        return entry[0], entry[1]
+
+    def put(self, key, target: PatcherWeights, result: LoraModel, report):
+        considered = {c.target_key for layer in report.layers for c in layer.candidates}
+        self._entries[key] = (result, report, {k: target.fingerprint(k) for k in considered if k in target})
+        budget, used = memory_budget_bytes(), 0
+        for k in reversed(list(self._entries)):
+            used += _nbytes(self._entries[k][0])
+            if used > budget:
+                del self._entries[k]
+
+    def clear(self):
+        self._entries.clear()
+
+
+def _nbytes(lora: LoraModel) -> int:
+    return sum(t.numel() * t.element_size() for layer in lora.layers.values() for t in (layer.up, layer.down))
+
+
+projected_memo = _ProjectedMemo()
+on_free_memory(projected_memo.clear)
+
+
+class LoadSD15LoRAIntoSDXL:
+    DESCRIPTION = ("Loads an SD1.5 LoRA into an SDXL model in one node, where a LoRA loader sits: transfers it "
+                   "with LoRA-X against the SD1.5 checkpoint it was trained on (read lazily from its file, never "
+                   "loaded as a model) and patches MODEL and CLIP through ComfyUI's own LoRA loading. The "
+                   "transfer is remembered: changing only a strength recomputes nothing but the patch.")
+    CATEGORY = CATEGORY
+    FUNCTION = "load"
+    RETURN_TYPES = ("MODEL", "CLIP", "STRING")
+    RETURN_NAMES = ("model", "clip", "report")
+    OUTPUT_TOOLTIPS = ("The SDXL model with the transferred LoRA patched in.",
+                       "The SDXL CLIP with the LoRA's text-encoder layers patched in (unchanged without CLIP).",
+                       "Per-layer report of the transfer, with the source files and their sha256.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "The SDXL model (from Load Checkpoint)."}),
+                "lora_name": (folder_paths.get_filename_list("loras"),
+                              {"tooltip": "The SD1.5 LoRA, from the models/loras folder."}),
+                "source_checkpoint": (folder_paths.get_filename_list("checkpoints"),
+                                      {"tooltip": "The SD1.5 checkpoint the LoRA was trained on (e.g. "
+                                                  "v1-5-pruned-emaonly); only the layers the LoRA touches are "
+                                                  "read from its file."}),
+                "strength_model": ("FLOAT", {"default": 1.0, "min": -100.0, "max": 100.0, "step": 0.01,
+                                             "tooltip": "How strongly to modify the diffusion model."}),
+                "strength_clip": ("FLOAT", {"default": 1.0, "min": -100.0, "max": 100.0, "step": 0.01,
+                                            "tooltip": "How strongly to modify the text encoder."}),
+                **{k: v for k, v in option_inputs().items() if k != "method"},
+                "mode": mode_input(),
+                "method": option_inputs()["method"],
+            },
+            "optional": {
+                "clip": ("CLIP", {"tooltip": "The SDXL CLIP, for the LoRA's text-encoder layers; without it "
+                                             "they are reported as not applied."}),
+            },
+            "hidden": {"unique_id": "UNIQUE_ID"},
+        }
+
+    @classmethod
+    def IS_CHANGED(cls, lora_name, source_checkpoint, **_):
+        # a file replaced under the same name must be transferred again
+        try:
+            return repr([file_stamp(listed_file(kind, name, kind))
+                         for kind, name in (("loras", lora_name), ("checkpoints", source_checkpoint))])
+        except (OSError, NodeError):
+            return float("nan")
+
+    @user_errors
+    def load(self, model, lora_name, source_checkpoint, strength_model, strength_clip, rank, threshold, policy,
+             mode, method, clip=None, unique_id=None):
+        _check_sdxl(model, "Load SD1.5 LoRA into SDXL")
+        lora_path = listed_file("loras", lora_name, "lora_name")
+        checkpoint_path = listed_file("checkpoints", source_checkpoint, "source_checkpoint")
+        options = TransferOptions(rank=rank, method=method, threshold=threshold, policy=policy, mode=mode,
+                                  device=engine_device())
+        target = PatcherWeights(model, clip)
+        key = (file_stamp(lora_path), file_stamp(checkpoint_path), options, clip is not None)
+        hit = projected_memo.get(key, target)
+        if hit is None:
+            result, report = self._transfer(lora_path, checkpoint_path, source_checkpoint, target, options,
+                                            unique_id)
+            projected_memo.put(key, target, result, report)
+        else:
+            result, report = hit
+        new_model, new_clip, line = apply_projected(model, clip, result, strength_model, strength_clip)
+        summary = transfer_summary(report)
+        summary["lines"].append(line)
+        if clip is None and any(not layer.source_key.startswith(UNET_PREFIX) for layer in report.layers):
+            summary["lines"].append("text encoder: not applied (no CLIP connected)")
+        summary["reused"] = hit is not None
+        if hit is not None:
+            summary["lines"].append("transfer reused: only the patch was recomputed")
+        return {"ui": {"lorax": [summary]}, "result": (new_model, new_clip, _report_text(report))}
+
+    @staticmethod
+    def _transfer(lora_path, checkpoint_path, checkpoint_name, target, options, unique_id):
+        cache = subspace_cache()
+        lora = read_lora(lora_path).to(compute_device())
+        with CheckpointWeights(checkpoint_path, fingerprint_dir=_memo_dir(), name=checkpoint_name) as source:
+            result, report = transfer(lora, source, target, options, cache=cache, progress=ComfyProgress(unique_id),
+                                      should_stop=stop_if_cancelled)
+        after_transfer()
+        provenance = source_provenance(lora_path=lora_path, source_model=checkpoint_path, memo_dir=_memo_dir())
+        attach(result, report, {**provenance, "lorax.source_format": lora.source_format})
+        return result, report
 
 
 class ComparisonGrid:

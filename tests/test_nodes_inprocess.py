@@ -2,6 +2,8 @@
 detects as such): the similarity map, projection, Apply (through ComfyUI's own LoRA loading) and Save."""
 from __future__ import annotations
 
+import hashlib
+
 import comfy_harness
 import pytest
 import torch
@@ -41,6 +43,8 @@ def _run(node_cls, **inputs):
 def test_nodes_transfer_and_apply_like_the_stock_loader(comfy, pack, models, lora_file, comfy_logs, tmp_path,
                                                         monkeypatch):
     monkeypatch.setattr(comfy.folder_paths, "output_directory", str(tmp_path))
+    fnp = comfy.folder_paths.folder_names_and_paths    # lora_path may name files of the loras folders only
+    monkeypatch.setitem(fnp, "loras", ([str(lora_file.parent)], fnp["loras"][1]))
     nodes = pack.NODE_CLASS_MAPPINGS
     sd15, sd15_clip, sdxl = models
     (lora, summary), _ = _run(nodes["LoRAX_LoadSourceLoRA"], lora_name="ignored", strength=1.0,
@@ -74,18 +78,25 @@ def test_nodes_transfer_and_apply_like_the_stock_loader(comfy, pack, models, lor
         expected = w0 + STRENGTH * (layer.scale * layer.up.float() @ layer.down.float()).reshape(w0.shape)
         torch.testing.assert_close(after[short], expected, rtol=1e-4, atol=1e-5)
 
-    (path,), ui = _run(nodes["LoRAX_SaveLoRA"], projected_lora=projected, filename="../../evil name",
-                       save_to="output/loras")
-    assert path == str(tmp_path / "loras" / "evil name.safetensors")
-    (path2,), _ = _run(nodes["LoRAX_SaveLoRA"], projected_lora=projected, filename="../../evil name",
-                       save_to="output/loras")
-    assert path2 != path and path2.endswith("_00001.safetensors")
+    (path,), ui = _run(nodes["LoRAX_SaveLoRA"], projected_lora=projected, filename_prefix="loras/my name",
+                       save_to="output")
+    assert path == str(tmp_path / "loras" / "my name_00001_.safetensors")
+    (path2,), _ = _run(nodes["LoRAX_SaveLoRA"], projected_lora=projected, filename_prefix="loras/my name",
+                       save_to="output")
+    assert path2 == str(tmp_path / "loras" / "my name_00002_.safetensors")
+    with pytest.raises(Exception, match="filename_prefix '../../evil' leaves the "):
+        _run(nodes["LoRAX_SaveLoRA"], projected_lora=projected, filename_prefix="../../evil", save_to="output")
     written = load_file(path)
     assert len([k for k in written if k.endswith(".lora_up.weight")]) == len(projected.layers)
     with safe_open(path, "pt") as f:       # provenance travels with the file, as with the command line
         meta = f.metadata()
     assert meta["lorax.mode"] == "subspace" and meta["lorax.layers_applied"] == str(len(projected.layers))
-    assert meta["lorax.source_model"] == projected.metadata["lorax.source_model"]
+    # the real LoRA file with its sha256; the models came as MODEL inputs, whose files cannot be known
+    assert meta["lorax.source_lora"] == "style.safetensors"
+    assert meta["lorax.source_lora_sha256"] == hashlib.sha256(lora_file.read_bytes()).hexdigest()
+    assert meta["lorax.source_model"] == meta["lorax.target_model"] == "unknown (ComfyUI MODEL input)"
+    data = open(path, "rb").read()
+    assert meta["sshs_model_hash"] == hashlib.sha256(data[8 + int.from_bytes(data[:8], "little"):]).hexdigest()
 
 
 def test_apply_refuses_a_non_sdxl_model(pack, models, lora_file):

@@ -423,6 +423,7 @@ class SubspaceCache:
                 raise ValueError("content does not match its checksum")
             basis = Basis(shape, t.get("u"), t.get("v"), t.get("s"), eff.describe())
             _validate(basis, eff.rank)      # the checksum vouches for the values, checked when written
+            os.utime(path)                  # mtime = last use, for the disk budget's LRU eviction
             return basis
         except (SafetensorError, ValueError, RuntimeError, OSError):
             self.stats.discarded += 1

@@ -70,6 +70,7 @@ class Report:
     seconds: dict[str, float] = field(default_factory=dict)
     cache: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    provenance: dict[str, str] = field(default_factory=dict)   # files read, hashes (files/provenance.py)
 
     # -- summary ----------------------------------------------------------------------------------
     def summary(self) -> dict:
@@ -137,7 +138,7 @@ class Report:
         for k in ("rank", "method", "policy", "threshold", "output_rank"):
             if k in self.options:
                 meta[f"lorax.{k}"] = str(self.options[k])
-        return meta
+        return {**meta, **self.provenance}
 
     # -- table ------------------------------------------------------------------------------------
     def format_table(self, candidates: bool = False) -> str:

@@ -1,0 +1,124 @@
+"""Provenance users can check: which files a transfer read (names and sha256), and the hashes the LoRA
+ecosystem computes for the file it wrote.
+
+* :func:`file_sha256`: sha256 of a whole file, the hash model sites list (Civitai "SHA256", A1111's "new"
+  hash). Memoised per file state (device, inode, size, mtime, ctime), in memory and optionally on disk.
+* :func:`kohya_hashes`: kohya sd-scripts' ``sshs_model_hash`` and ``sshs_legacy_hash``, which sd-scripts
+  precalculates from the tensors and the ``ss_*`` metadata only, serialised as safetensors: the model hash is
+  the sha256 of everything after the header (the tensor data; A1111's "addnet" hash, Civitai's AutoV3 source),
+  the legacy hash the first 8 hex digits of the sha256 of the 64 KiB at offset 1 MiB. The SAI ModelSpec's
+  ``modelspec.hash_sha256`` is the same tensor-data hash, written ``0x``-prefixed.
+* :func:`write_lora_with_provenance`: :func:`~.lora_formats.write_lora` plus those hashes and the given
+  provenance keys.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from ..atomic import write_text_atomic
+from .lora_formats import lora_metadata, to_kohya_state_dict, write_lora
+
+# what a saved file names as its model when the transfer read a ComfyUI MODEL, whose file cannot be known
+UNKNOWN_MODEL = "unknown (ComfyUI MODEL input)"
+LEGACY_OFFSET, LEGACY_LENGTH = 0x100000, 0x10000
+_CHUNK = 1 << 20
+
+_memo: dict[tuple, str] = {}
+
+
+def file_stamp(path) -> tuple:
+    """What identifies a file's content without reading it: resolved path, device, inode, size, mtime, ctime.
+    The kernel updates ctime on every write and no user call can set it, so a rewritten file changes stamp."""
+    real = os.path.realpath(path)
+    st = os.stat(real)
+    return real, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+def file_sha256(path, memo_dir=None) -> str:
+    """Hex sha256 of the whole file; remembered per :func:`file_stamp` (and in ``memo_dir`` when given)."""
+    stamp = file_stamp(path)
+    digest = _memo.get(stamp)
+    if digest is not None:
+        return digest
+    memo_path = None
+    if memo_dir is not None:
+        memo_path = Path(memo_dir) / f"sha256-{hashlib.sha256(stamp[0].encode()).hexdigest()[:32]}.json"
+        try:
+            data = json.loads(memo_path.read_text())
+            if data.get("stat") == list(stamp):
+                digest = str(data["sha256"])
+        except (OSError, ValueError, KeyError, AttributeError):
+            pass
+    if digest is None:
+        h = hashlib.sha256()
+        with open(stamp[0], "rb") as f:
+            for chunk in iter(lambda: f.read(_CHUNK), b""):
+                h.update(chunk)
+        digest = h.hexdigest()
+        if memo_path is not None:
+            try:
+                memo_path.parent.mkdir(parents=True, exist_ok=True)
+                write_text_atomic(memo_path, json.dumps({"stat": list(stamp), "sha256": digest}))
+            except OSError:
+                pass    # the memo only saves time
+    _memo[stamp] = digest
+    return digest
+
+
+def kohya_hashes(tensors: dict, metadata: dict[str, str]) -> tuple[str, str]:
+    """(``sshs_model_hash``, ``sshs_legacy_hash``) as sd-scripts precalculates them for a LoRA it saves."""
+    import safetensors.torch
+
+    data = safetensors.torch.save(tensors, {k: v for k, v in metadata.items() if k.startswith("ss_")})
+    header = int.from_bytes(data[:8], "little")
+    model_hash = hashlib.sha256(memoryview(data)[8 + header:]).hexdigest()
+    legacy_hash = hashlib.sha256(memoryview(data)[LEGACY_OFFSET:LEGACY_OFFSET + LEGACY_LENGTH]).hexdigest()[:8]
+    return model_hash, legacy_hash
+
+
+def source_provenance(*, lora_path=None, source_model=None, target_model=None, memo_dir=None) -> dict[str, str]:
+    """``lorax.*`` keys naming the source LoRA and both checkpoints with their sha256; a model given as None was
+    a ComfyUI MODEL input and is named :data:`UNKNOWN_MODEL` (no hash)."""
+    out = {}
+    for role, path in (("source_lora", lora_path), ("source_model", source_model), ("target_model", target_model)):
+        if path is None:
+            out[f"lorax.{role}"] = UNKNOWN_MODEL if role != "source_lora" else "unknown"
+            continue
+        out[f"lorax.{role}"] = os.path.basename(os.fspath(path))
+        out[f"lorax.{role}_sha256"] = file_sha256(path, memo_dir)
+    return out
+
+
+def attach(result, report, provenance: dict[str, str]) -> None:
+    """Record ``provenance``, the transfer options and the summary in the report and in the result's metadata."""
+    report.provenance.update(provenance)
+    report.provenance["lorax.options"] = json.dumps(report.options, sort_keys=True)
+    report.provenance["lorax.summary"] = json.dumps(report.summary(), sort_keys=True)
+    result.metadata.update(report.metadata())
+
+
+def format_provenance(provenance: dict[str, str]) -> str:
+    """Readable lines for a report: each source file with its sha256."""
+    lines = []
+    for role, label in (("source_lora", "source LoRA"), ("source_model", "source model"),
+                        ("target_model", "target model")):
+        name = provenance.get(f"lorax.{role}")
+        if name is not None:
+            digest = provenance.get(f"lorax.{role}_sha256")
+            lines.append(f"{label}: {name}" + (f" (sha256 {digest})" if digest else ""))
+    return "\n".join(lines)
+
+
+def write_lora_with_provenance(lora, path, *, architecture: str, provenance: dict[str, str] | None = None) -> Path:
+    """:func:`write_lora` with ``provenance`` and the kohya / ModelSpec hashes of the written tensors."""
+    path = Path(path)
+    provenance = dict(provenance or {})
+    # the same tensors and ss_* metadata write_lora derives for this path (it names ss_output_name after it)
+    md = lora_metadata(lora, architecture, os.fsencode(path.stem).decode("utf-8", "replace"), provenance)
+    model_hash, legacy_hash = kohya_hashes(to_kohya_state_dict(lora, architecture), md)
+    provenance.update({"sshs_model_hash": model_hash, "sshs_legacy_hash": legacy_hash,
+                       "modelspec.hash_sha256": f"0x{model_hash}"})
+    return write_lora(lora, path, architecture=architecture, extra_metadata=provenance)
