@@ -1,6 +1,7 @@
 """``python -m lorax_engine transfer | similarity | batch`` on real files (zoo checkpoints, LoRAs on disk)."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -16,6 +17,7 @@ from lorax_engine.analysis.subspaces import SubspaceCache
 from lorax_engine.cli import main
 from lorax_engine.files.base_weights import CheckpointWeights
 from lorax_engine.files.lora_formats import read_lora
+from lorax_engine.projection.operators import DEFAULT_MODE
 from lorax_engine.projection.transfer import TransferOptions, transfer
 
 KEYS = [
@@ -65,10 +67,25 @@ def test_transfer_writes_lora_report_and_plot_and_reuses_the_cache(sd15_path, ca
                                    rtol=1e-3, atol=1e-6)
     meta = written.metadata
     assert meta["ss_tag_frequency"] == TAGS and meta["ss_base_model_version"] == "sd_v1"
-    assert meta["lorax.layers_applied"] == "4" and meta["lorax.mode"] == "subspace"
+    assert meta["lorax.layers_applied"] == "4" and meta["lorax.mode"] == DEFAULT_MODE
+    # provenance users can check: the files read with their sha256, and the written file's own hashes
+    assert meta["lorax.source_lora"] == "style.safetensors"
+    assert meta["lorax.source_model"] == meta["lorax.target_model"] == os.path.basename(sd15_path)
+    assert meta["lorax.source_lora_sha256"] == hashlib.sha256(lora_path.read_bytes()).hexdigest()
+    data_bytes = out.read_bytes()
+    tensor_data = data_bytes[8 + int.from_bytes(data_bytes[:8], "little"):]
+    assert meta["sshs_model_hash"] == hashlib.sha256(tensor_data).hexdigest()
+    assert meta["modelspec.hash_sha256"] == "0x" + meta["sshs_model_hash"]
+    assert json.loads(meta["lorax.options"])["method"] == "exact"
+    assert json.loads(meta["lorax.summary"])["applied"] == 4
+    assert main(["inspect", "--json", str(out)]) == 0
+    shown = json.loads(capsys.readouterr().out)["metadata"]
+    assert shown["lorax.source_lora_sha256"] == meta["lorax.source_lora_sha256"]
+    assert shown["sshs_model_hash"] == meta["sshs_model_hash"]
 
     data = json.loads(report.read_text())
     assert data["options"]["method"] == "exact"
+    assert data["provenance"]["lorax.source_model_sha256"] == meta["lorax.source_model_sha256"]
     assert data["summary"]["applied"] == 4 and len(data["layers"]) == 4
     assert {t["target_key"] for t in data["targets"]} == set(KEYS)
     assert data["cache"]["similarity"]["computed"] > 0

@@ -19,15 +19,17 @@ import sys
 import time
 from pathlib import Path
 
-from ..analysis.matching import DEFAULT_THRESHOLD, POLICIES
+from ..analysis.disk_budget import disk_budget_bytes, evict_to
+from ..analysis.matching import DEFAULT_POLICY, DEFAULT_THRESHOLD, POLICIES
 from ..analysis.subspaces import DEFAULT_RANK, SubspaceCache, default_cache_dir
 from ..atomic import write_text_atomic
 from ..errors import LoraXError, OutputPathError, TransferOptionError
 from ..files.base_weights import CheckpointWeights
-from ..files.lora_formats import read_lora, write_lora
+from ..files.lora_formats import read_lora
 from ..files.output_names import sanitize_stem, unique_output_path
+from ..files.provenance import attach, source_provenance, write_lora_with_provenance
 from ..files.safetensors_file import PICKLE_SUFFIXES
-from ..projection.operators import MODES
+from ..projection.operators import DEFAULT_MODE, MODES
 from ..projection.transfer import TransferOptions, compute_similarity_map, transfer
 from ..reports.plot import plot_similarity
 
@@ -69,9 +71,10 @@ def _option_args(p, projection: bool = True):
                    help="hash the models' weights again instead of trusting the digest memo")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     if projection:
-        p.add_argument("--mode", choices=MODES, default="subspace",
-                       help="subspace (default), subspace+null, or direct (baseline: no projection)")
-        p.add_argument("--policy", choices=POLICIES, default="best", help="target layer choice (default best)")
+        p.add_argument("--mode", choices=MODES, default=DEFAULT_MODE,
+                       help=f"{', '.join(MODES)} (default {DEFAULT_MODE}; direct is the baseline: no projection)")
+        p.add_argument("--policy", choices=POLICIES, default=DEFAULT_POLICY,
+                       help=f"target layer choice (default {DEFAULT_POLICY})")
         p.add_argument("--output-rank", type=int, default=None, help="cap the output rank (truncated SVD)")
 
 
@@ -141,7 +144,7 @@ class ProgressBar:
 
 def _options(args) -> TransferOptions:
     return TransferOptions(rank=args.rank, method="exact" if args.exact else "fast", threshold=args.threshold,
-                           policy=getattr(args, "policy", "best"), mode=getattr(args, "mode", "subspace"),
+                           policy=getattr(args, "policy", DEFAULT_POLICY), mode=getattr(args, "mode", DEFAULT_MODE),
                            output_rank=getattr(args, "output_rank", None), device=args.device)
 
 
@@ -194,6 +197,20 @@ def _check_output_paths(*paths):
             raise OutputPathError(f"{path}: the folder {path.parent} does not exist")
 
 
+def _memo_dir(cache: SubspaceCache):
+    return cache.directory / "fingerprints" if cache.directory is not None else None
+
+
+def _record_sources(result, report, args, lora_path, cache: SubspaceCache):
+    """The files read, with their sha256, into the report and the result's metadata."""
+    attach(result, report, source_provenance(lora_path=lora_path, source_model=args.source_model,
+                                             target_model=args.target_model, memo_dir=_memo_dir(cache)))
+
+
+def _trim_cache(cache: SubspaceCache):
+    evict_to(cache.directory, disk_budget_bytes())
+
+
 def _write_result(result, report, out: Path):
     if not result.layers:
         raise TransferOptionError(f"nothing to write to {out}: no layer passed the threshold "
@@ -201,7 +218,8 @@ def _write_result(result, report, out: Path):
     if result.architecture not in ("sd1", "sdxl"):
         raise TransferOptionError(f"cannot write {out}: the target model's architecture is "
                                   f"{report.target_architecture!r}")
-    write_lora(result, out, architecture=result.architecture)    # the result carries the report's lorax.* keys
+    # the result carries the report's lorax.* keys, provenance included
+    write_lora_with_provenance(result, out, architecture=result.architecture)
 
 
 # --------------------------------------------------------------------------------------------- commands
@@ -219,6 +237,8 @@ def run_transfer(args) -> int:
         bar.close()
         source.close()
         target.close()
+    _trim_cache(cache)
+    _record_sources(result, report, args, args.lora, cache)
     _write_result(result, report, args.out)
     if args.report:
         _write_text(args.report, report.to_json())
@@ -245,6 +265,7 @@ def run_similarity(args) -> int:
         bar.close()
         source.close()
         target.close()
+    _trim_cache(cache)
     if args.report:
         import json
         _write_text(args.report, json.dumps(smap.to_dict(), indent=1))
@@ -282,6 +303,7 @@ def run_batch(args) -> int:
                 lora = read_lora(path)
                 result, report = transfer(lora, source, target, options, cache=cache, progress=bar)
                 bar.close()
+                _record_sources(result, report, args, path, cache)
                 out = args.out_dir / f"{sanitize_stem(path.stem)}.safetensors"
                 # "a.pt" and "a.safetensors" of one folder must not overwrite each other's output
                 if not args.overwrite or out in written:
@@ -302,6 +324,7 @@ def run_batch(args) -> int:
     finally:
         source.close()
         target.close()
+        _trim_cache(cache)
     print(f"batch: {len(files) - len(failures)} of {len(files)} converted, {len(failures)} failed, "
           f"{time.perf_counter() - start:.1f} s")
     for name, err in failures:
