@@ -4,8 +4,9 @@ Groups follow the vocabulary users know: text encoder, input_blocks, middle_bloc
 "other" UNet weights). Each source layer is one column: small grey dots for every candidate, a larger
 marker for the best one (green: applied, red: dropped, blue: no verdict yet, as in a bare similarity
 map), a grey cross at the bottom for layers with no candidate. Dashed lines mark chance (normalised score
-0) and the threshold. :func:`plot_similarity` returns the picture as a float array ``(H, W, 3)`` in
-``[0, 1]`` (what a ComfyUI IMAGE holds per batch item) and writes a PNG when given a path.
+0) and the threshold. The legend names exactly the marks drawn (:func:`legend_entries`).
+:func:`plot_similarity` returns the picture as a float array ``(H, W, 3)`` in ``[0, 1]`` (what a ComfyUI
+IMAGE holds per batch item) and writes a PNG when given a path.
 """
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ BG, AXIS, GRID, TEXT = (255, 255, 255), (60, 60, 60), (225, 225, 225), (30, 30, 
 SHADE = (244, 246, 250)
 APPLIED, DROPPED, UNDECIDED, CAND = (34, 150, 60), (205, 45, 45), (40, 90, 200), (150, 150, 150)
 THRESH, CHANCE = (230, 130, 0), (120, 120, 120)
+LEGEND_STEP = 100  # px per legend entry: mark + longest label ("best candidate", "no counterpart")
+LEGEND_ROW = 36  # legend marks' top, in px above the picture's bottom edge
 
 
 def _group(side: str) -> int:
@@ -28,6 +31,29 @@ def _group(side: str) -> int:
         if side in sides:
             return i
     return len(GROUPS) - 1
+
+
+def _best_mark(row: dict) -> tuple[str, tuple[int, int, int]]:
+    if row.get("applied") is None:
+        return "best candidate", UNDECIDED
+    return ("applied", APPLIED) if row["applied"] else ("dropped", DROPPED)
+
+
+def legend_entries(rows: list[dict]) -> list[tuple[str, str, tuple[int, int, int]]]:
+    """``(label, shape, colour)`` for each kind of mark ``rows`` draw, in drawing order; shape is dot or cross."""
+    kinds = []
+    if any(r["scores"] for r in rows):
+        kinds.append(("candidates", "dot", CAND))
+    for label, color in dict(_best_mark(r) for r in rows if r["best"] is not None).items():
+        kinds.append((label, "dot", color))
+    if any(r["best"] is None for r in rows):
+        kinds.append(("no counterpart", "cross", CAND))
+    return kinds
+
+
+def _cross(draw, x, y, rad, color):
+    draw.line([(x - rad, y - rad), (x + rad, y + rad)], fill=color, width=1)
+    draw.line([(x - rad, y + rad), (x + rad, y - rad)], fill=color, width=1)
 
 
 def _dashed(draw, x0, x1, y, color, dash=6):
@@ -40,7 +66,7 @@ def plot_similarity(rows: list[dict], threshold: float | None = None, title: str
     """Draw ``rows`` (``Report.plot_rows()`` or ``SubspaceMap.plot_rows()``); returns float RGB ``(H, W, 3)``."""
     rows = sorted(rows, key=lambda r: _group(r["side"]))
     font = ImageFont.load_default()
-    left, right, top, bottom = 56, 16, 44, 34
+    left, right, top, bottom = 56, 16, 44, 50
     col = max(3, min(14, 1100 // max(len(rows), 1)))
     width = left + right + max(len(rows), 1) * col
     width = max(width, 480)
@@ -92,23 +118,24 @@ def plot_similarity(rows: list[dict], threshold: float | None = None, title: str
             y = y_of(s)
             draw.ellipse([x - 1, y - 1, x + 1, y + 1], fill=CAND)
         if r["best"] is None:
-            y = top + plot_h - 6
-            draw.line([(x - rad, y - rad), (x + rad, y + rad)], fill=CAND, width=1)
-            draw.line([(x - rad, y + rad), (x + rad, y - rad)], fill=CAND, width=1)
+            _cross(draw, x, top + plot_h - 6, rad, CAND)
             continue
-        color = UNDECIDED if r.get("applied") is None else (APPLIED if r["applied"] else DROPPED)
+        color = _best_mark(r)[1]
         y = y_of(r["best"])
         draw.ellipse([x - rad, y - rad, x + rad, y + rad], fill=color)
 
     draw.text((left, 6), title or "normalised subspace similarity per source layer (best candidate)", fill=TEXT,
               font=font)
-    legend = [("applied", APPLIED), ("dropped", DROPPED), ("candidates", CAND)]
-    x = width - right - 240
-    for name, color in legend:
-        draw.ellipse([x, height - 20, x + 8, height - 12], fill=color)
-        draw.text((x + 12, height - 22), name, fill=TEXT, font=font)
-        x += 80
-    draw.text((left, height - 22), "normalised score: 0 = chance, 1 = same subspace", fill=TEXT, font=font)
+    # legend row, then the note on the score scale below it
+    x, y = left, height - LEGEND_ROW
+    for name, shape, color in legend_entries(rows):
+        if shape == "cross":
+            _cross(draw, x + 4, y + 4, 4, color)
+        else:
+            draw.ellipse([x, y, x + 8, y + 8], fill=color)
+        draw.text((x + 12, y - 2), name, fill=TEXT, font=font)
+        x += LEGEND_STEP
+    draw.text((left, height - 18), "normalised score: 0 = chance, 1 = same subspace", fill=TEXT, font=font)
 
     if path is not None:
         img.save(Path(path), format="PNG")
