@@ -55,7 +55,8 @@ def builtin_prompt() -> dict:
 
 
 def model_files(prompt: dict) -> dict[str, tuple[str, str]]:
-    """{file name the prompt loads: (models subfolder, role)}: every ``ckpt_name`` / ``lora_name`` input.
+    """{file name the prompt loads: (models subfolder, role)}: every ``ckpt_name`` / ``source_checkpoint`` /
+    ``lora_name`` input.
 
     Checkpoint names containing "xl" get the synthetic SDXL, other checkpoints the SD1.5 one, and every LoRA
     the synthetic SD1.5 LoRA, so example workflows written for the real models run unchanged.
@@ -63,7 +64,7 @@ def model_files(prompt: dict) -> dict[str, tuple[str, str]]:
     files = {}
     for node in prompt.values():
         for name, value in node.get("inputs", {}).items():
-            if name == "ckpt_name" and isinstance(value, str):
+            if name in ("ckpt_name", "source_checkpoint") and isinstance(value, str):
                 files[value] = ("checkpoints", "sdxl" if "xl" in value.lower() else "sd15")
             elif name == "lora_name" and isinstance(value, str):
                 files[value] = ("loras", "lora")

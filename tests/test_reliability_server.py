@@ -5,7 +5,8 @@ the whole session: the ``comfy_server`` fixture).
   ``models/loras``): the prompt fails with an ``execution_error`` carrying the pack's one-line message, and
   the next good prompt on the same server works.
 * Wrong architectures: an SDXL LoRA as the source, SD1.5 as Apply to SDXL's model.
-* Save names that try to leave the output folder; an output folder that cannot be created.
+* Path inputs leading out of the loras folders; save names that try to leave the output folder; an output
+  folder that cannot be created.
 * Cancel (POST /interrupt) while a transfer runs: no output, no temporary files, the cache stays valid and
   the next run equals the engine's own result.
 * Two prompts queued together give the results each gives alone.
@@ -53,6 +54,14 @@ def server(comfy_server, zoo, tmp_path_factory):
 _runs = iter(range(1, 1_000_000))
 
 
+@pytest.fixture
+def lora_dir(server):
+    """A fresh folder inside the server's loras folder: the only place lora_path may read from."""
+    folder = server.base_dir / "models" / "loras" / f"tmp_{next(_runs)}"
+    folder.mkdir()
+    return folder
+
+
 def _load(lora_path="", lora_name=GOOD, strength=1.0):
     return {"class_type": "LoRAX_LoadSourceLoRA",
             "inputs": {"lora_name": lora_name, "strength": strength, "lora_path": str(lora_path)}}
@@ -63,7 +72,7 @@ def load_prompt(lora_path="", lora_name=GOOD):
 
 
 def transfer_prompt(lora_path="", lora_name=GOOD, rank=8, method="fast", filename="reliability",
-                    save_to="output/loras", apply_model=None, target="11"):
+                    save_to="output", apply_model=None, target="11"):
     """Load both checkpoints, the LoRA, similarity (every candidate applies), project and save."""
     prompt = {
         "10": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": SD15}},
@@ -75,7 +84,7 @@ def transfer_prompt(lora_path="", lora_name=GOOD, rank=8, method="fast", filenam
         "4": {"class_type": "LoRAX_ProjectLoRA", "inputs": {
             "lora": ["1", 0], "subspace_map": ["3", 0], "mode": "subspace", "rank_cap": 0}},
         "5": {"class_type": "LoRAX_SaveLoRA", "inputs": {
-            "projected_lora": ["4", 0], "filename": filename, "save_to": save_to}},
+            "projected_lora": ["4", 0], "filename_prefix": f"loras/{filename}", "save_to": save_to}},
     }
     if apply_model is not None:
         del prompt["5"]
@@ -117,8 +126,8 @@ READ_CASES = sorted(name for name, case in bad.LORA_CASES.items() if case.stage 
 
 
 @pytest.mark.parametrize("name", READ_CASES)
-def test_bad_lora_file_fails_its_node_with_the_message(server, tmp_path, name):
-    path = bad.make(bad.LORA_CASES, name, tmp_path)
+def test_bad_lora_file_fails_its_node_with_the_message(server, lora_dir, name):
+    path = bad.make(bad.LORA_CASES, name, lora_dir)
     message = run_failing(server, load_prompt(lora_path=path))
     assert message.startswith(f"{path}: ") and bad.LORA_CASES[name].problem in message
     assert not bad.code_marker(path).exists()
@@ -143,8 +152,8 @@ def test_bad_lora_file_uploaded_into_the_loras_folder(server, tmp_path, name):
 
 
 @pytest.mark.parametrize("name", sorted(n for n, c in bad.LORA_CASES.items() if c.stage == "transfer"))
-def test_lora_that_does_not_fit_the_source_model(server, tmp_path, name):
-    path = bad.make(bad.LORA_CASES, name, tmp_path)
+def test_lora_that_does_not_fit_the_source_model(server, lora_dir, name):
+    path = bad.make(bad.LORA_CASES, name, lora_dir)
     message = run_failing(server, transfer_prompt(lora_path=path), node_type="LoRAX_SubspaceSimilarity")
     assert bad.LORA_CASES[name].problem in message and str(path) in message
     assert_server_still_works(server)
@@ -162,11 +171,11 @@ def test_apply_to_sdxl_refuses_an_sd15_model(server):
     assert history["status"]["status_str"] == "success"
 
 
-def test_mixed_dtype_and_weights_only_pickle_loras_work(server, tmp_path):
+def test_mixed_dtype_and_weights_only_pickle_loras_work(server, lora_dir):
     """Unusual but valid files transfer exactly like their plain fp32 .safetensors twin."""
-    mixed = bad.mixed_dtype_lora(tmp_path / "mixed.safetensors", seed=41)
-    twin = bad.lf.save({k: v.float() for k, v in load_file(str(mixed)).items()}, tmp_path / "twin.safetensors")
-    pickled = tmp_path / "pickled.pt"
+    mixed = bad.mixed_dtype_lora(lora_dir / "mixed.safetensors", seed=41)
+    twin = bad.lf.save({k: v.float() for k, v in load_file(str(mixed)).items()}, lora_dir / "twin.safetensors")
+    pickled = lora_dir / "pickled.pt"
     torch.save(load_file(str(twin)), str(pickled))
     paths = {p.stem: _saved(server.run_prompt(transfer_prompt(lora_path=p, filename=p.stem), timeout=600))
              for p in (mixed, twin, pickled)}
@@ -176,18 +185,15 @@ def test_mixed_dtype_and_weights_only_pickle_loras_work(server, tmp_path):
 
 # --- output names ----------------------------------------------------------------------------------------
 
-ESCAPES = {
-    "../../escaped": "escaped.safetensors",
-    "/etc/passwd": "etc_passwd.safetensors",
-    "..\\..\\windows\\escaped": "windows_escaped.safetensors",
-    "~/.bashrc": "~_.bashrc.safetensors",
-    "CON": "CON_.safetensors",
-    "nul.txt": "nul_.txt.safetensors",
-    "COM1.safetensors": "COM1_.safetensors",
-    "a\x00b": "a_b.safetensors",
-    "sub/dir/name": "sub_dir_name.safetensors",
-    "é" * 300: "é" * 60 + ".safetensors",          # 120 bytes: the temporary name must fit in 255
+# filename_prefix as core's Save nodes read it: subfolders of the output folder, a _00001_ counter
+SAVED_NAMES = {
+    "loras/sub/dir/name": "loras/sub/dir/name_00001_.safetensors",
+    "loras/a\x00b": "loras/a_b_00001_.safetensors",
+    "loras/nul.txt": "loras/nul_.txt_00001_.safetensors",        # a name Windows reserves
+    "loras/x/../inside": "loras/inside_00001_.safetensors",     # '..' that stays inside
+    "loras/" + "é" * 300: "loras/" + "é" * 60 + "_00001_.safetensors",   # 120 bytes: the temporary name fits
 }
+LEAVING = ["../../escaped", "/etc/passwd", "loras/../../escaped", "/"]
 
 
 def _all_files(server) -> set:
@@ -197,20 +203,38 @@ def _all_files(server) -> set:
 
 
 def test_save_names_never_leave_the_output_folder(server):
-    folder = server.output_dir / "loras"
     server.run_prompt(transfer_prompt(filename="warm_up"), timeout=600)   # bases cached: later prompts only save
     before = _all_files(server)
-    for name, expected in ESCAPES.items():
-        path = _saved(server.run_prompt(transfer_prompt(filename=name), timeout=600))
-        assert path == str(folder / expected), name
+    for prefix, expected in SAVED_NAMES.items():
+        path = _saved(server.run_prompt(transfer_prompt(filename=prefix[len("loras/"):]), timeout=600))
+        assert path == str(server.output_dir / expected), prefix
         assert read_lora(path).layers
     created = _all_files(server) - before
-    assert {p.parent for p in created} == {folder}
-    assert len(created) == len(ESCAPES)
-    for name in ("", "....", "/", "..\\.."):
-        message = run_failing(server, transfer_prompt(filename=name), node_type="LoRAX_SaveLoRA")
+    assert len(created) == len(SAVED_NAMES)
+    assert all(server.output_dir.resolve() in p.resolve().parents for p in created)
+    for prefix in LEAVING:
+        prompt = transfer_prompt()
+        prompt["5"]["inputs"]["filename_prefix"] = prefix
+        message = run_failing(server, prompt, node_type="LoRAX_SaveLoRA")
+        assert message == (f"filename_prefix {prefix!r} leaves the output folder; use a relative name such as "
+                           "loras/lorax_sdxl")
+    for name in ("", "....", "..\\.."):
+        prompt = transfer_prompt()
+        prompt["5"]["inputs"]["filename_prefix"] = name
+        message = run_failing(server, prompt, node_type="LoRAX_SaveLoRA")
         assert "has no usable characters" in message
     assert _all_files(server) - before == created
+
+
+def test_lora_path_out_of_the_loras_folders_is_refused(server, tmp_path, lora_dir):
+    """A link inside the loras folder leading out is refused like any outside path, revealing nothing."""
+    secret = bad.good_lora(tmp_path / "secret.safetensors")
+    (lora_dir / "innocent.safetensors").symlink_to(secret)
+    for path in (lora_dir / "innocent.safetensors", secret, lora_dir / ".." / ".." / ".." / "nothing.safetensors"):
+        message = run_failing(server, load_prompt(lora_path=path))
+        assert message == ("lora_path: only files inside ComfyUI's models/loras folders can be read; choose the "
+                           "file from the list, or start ComfyUI with LORAX_ALLOW_ANY_PATH=1 to allow any path")
+    assert_server_still_works(server)
 
 
 def test_output_folder_that_cannot_be_created(server):
@@ -299,8 +323,8 @@ def test_cancel_mid_transfer_leaves_no_output_and_a_valid_cache(server, zoo):
     _assert_same_lora(path, _expected(zoo, server.base_dir / "models" / "loras" / BIG, CANCEL_RANK, "fast"))
 
 
-def test_two_prompts_queued_together_equal_each_run_alone(server, tmp_path):
-    loras = {seed: bad.good_lora(tmp_path / f"seed{seed}.safetensors", seed=seed) for seed in (31, 32)}
+def test_two_prompts_queued_together_equal_each_run_alone(server, lora_dir):
+    loras = {seed: bad.good_lora(lora_dir / f"seed{seed}.safetensors", seed=seed) for seed in (31, 32)}
     alone = {seed: _saved(server.run_prompt(transfer_prompt(lora_path=p, filename=f"alone{seed}"), timeout=600))
              for seed, p in loras.items()}
 
@@ -309,7 +333,7 @@ def test_two_prompts_queued_together_equal_each_run_alone(server, tmp_path):
         async with aiohttp.ClientSession() as session:
             ids = {}
             for seed, src in loras.items():
-                copy = tmp_path / f"copy{seed}.safetensors"       # a new path: ComfyUI's cache cannot answer
+                copy = lora_dir / f"copy{seed}.safetensors"       # a new path: ComfyUI's cache cannot answer
                 shutil.copyfile(src, copy)
                 payload = {"prompt": transfer_prompt(lora_path=copy, filename=f"together{seed}")}
                 async with session.post(f"{server.url}/prompt", json=payload) as r:
@@ -331,5 +355,5 @@ def test_two_prompts_queued_together_equal_each_run_alone(server, tmp_path):
     for seed in loras:
         assert together[seed]["status"]["status_str"] == "success"
         path = _saved(together[seed])
-        assert path.endswith(f"together{seed}.safetensors")
+        assert path.endswith(f"/loras/together{seed}_00001_.safetensors")
         _assert_same_lora(path, read_lora(alone[seed]), exact=True)

@@ -59,8 +59,8 @@ def test_convert_and_save_workflow_patches_like_the_stock_loader(server, zoo, co
     prompt["91"] = {"class_type": "ModelSave", "inputs": {"model": ["90", 0], "filename_prefix": "patched/unet"}}
     # unrelated synthetic models score near chance (as SD1.5 vs SDXL may): apply every candidate
     prompt["4"]["inputs"].update(rank=64, threshold=-1.0)
-    # the session's server is shared: a name no other test saves, so no counter suffix is added
-    prompt["7"]["inputs"]["filename"] = "server_test_convert"
+    # the session's server is shared: a name no other test saves, so the counter starts at 1
+    prompt["7"]["inputs"]["filename_prefix"] = "loras/server_test_convert"
     log_start = len(server.log_text())   # the session's server is shared; other tests use the stock loader
     history = server.run_prompt(prompt, timeout=900)
     assert history["status"]["status_str"] == "success"
@@ -68,7 +68,7 @@ def test_convert_and_save_workflow_patches_like_the_stock_loader(server, zoo, co
         summary = history["outputs"]["6"]["lorax"][0]
         assert summary["applied"] > 0 and summary["verdict"] in ("good", "weak")
     saved = history["outputs"]["7"]["text"][0]
-    assert saved.endswith("/loras/server_test_convert.safetensors")
+    assert saved.endswith("/loras/server_test_convert_00001_.safetensors")
 
     lora_sd = load_file(saved)
     patched = load_file(str(_output_file(server, "patched", "unet*.safetensors")))
@@ -130,3 +130,54 @@ def test_comparison_workflow_renders_the_labelled_grid(server, zoo):
     with Image.open(image_path) as grid:
         assert grid.width >= 3 * 64 and grid.height > 64     # three labelled columns, one row
     assert "comparison_grid" in saved[0]["filename"]
+
+
+@pytest.mark.slow
+def test_one_node_text_to_image_workflow_patches_the_engine_transfer_and_reuses_it(server, zoo):
+    """ComfyUI's default SDXL text-to-image graph with the one-node loader where a LoRA loader sits: an image,
+    the verdict on the node, MODEL patched with W0 + strength * ΔW of the engine's own transfer; a second prompt
+    changing only the strength reuses the transfer, and after POST /free (unload models) it is computed again."""
+    from lorax_engine.analysis.subspaces import SubspaceCache
+    from lorax_engine.files.base_weights import CheckpointWeights
+    from lorax_engine.files.lora_formats import read_lora
+    from lorax_engine.projection.transfer import TransferOptions, transfer
+
+    server.upload_model("checkpoints", zoo.checkpoint("demo_sdxl"), "demo_sdxl_one_node.safetensors")
+    prompt = _shrink(_api("lorax_sdxl_text_to_image"))
+    prompt["1"]["inputs"]["ckpt_name"] = "demo_sdxl_one_node.safetensors"
+    loader = prompt["2"]["inputs"]
+    loader.update(rank=64, threshold=-1.0, strength_model=STRENGTH)
+    prompt["90"] = {"class_type": "ModelSave", "inputs": {"model": ["2", 0], "filename_prefix": "one_node/unet"}}
+    history = server.run_prompt(prompt, timeout=1200)
+    outputs = history["outputs"]
+    image = outputs["8"]["images"][0]
+    with Image.open(server.output_dir / image["subfolder"] / image["filename"]) as img:
+        assert img.size == (64, 64)
+    verdict = outputs["2"]["lorax"][0]
+    assert verdict["verdict"] in ("good", "weak") and verdict["applied"] > 0 and not verdict["reused"]
+
+    options = TransferOptions(rank=64, threshold=-1.0, policy=loader["policy"], mode=loader["mode"],
+                              method=loader["method"])
+    lora_path = server.base_dir / "models" / "loras" / LORA_NAME
+    with CheckpointWeights(zoo.checkpoint("tiny_sd15")) as source, \
+            CheckpointWeights(zoo.checkpoint("demo_sdxl")) as target:
+        expected, _ = transfer(read_lora(lora_path), source, target, options, cache=SubspaceCache())
+    patched = load_file(str(_output_file(server, "one_node", "unet*.safetensors")))
+    base = load_file(str(zoo.checkpoint("demo_sdxl")))
+    unet = {k: v for k, v in expected.layers.items() if k.startswith("diffusion_model.")}
+    assert unet
+    for key, layer in unet.items():
+        w0 = base["model." + key].float()
+        want = w0 + STRENGTH * (layer.scale * layer.up.float() @ layer.down.float()).reshape(w0.shape)
+        torch.testing.assert_close(patched["model." + key].float(), want, rtol=0,
+                                   atol=1e-3 * float(want.abs().max()))
+
+    del prompt["90"]
+    loader["strength_model"] = 0.5
+    again = server.run_prompt(prompt, timeout=1200)["outputs"]["2"]["lorax"][0]
+    assert again["reused"] and again["lines"][-1] == "transfer reused: only the patch was recomputed"
+    status, _ = server.post_json("/free", {"unload_models": True})
+    assert status == 200
+    loader["strength_model"] = 0.25
+    after_free = server.run_prompt(prompt, timeout=1200)["outputs"]["2"]["lorax"][0]
+    assert not after_free["reused"] and after_free["applied"] == verdict["applied"]
