@@ -48,6 +48,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import itertools
+import math
 import os
 import threading
 import time
@@ -61,12 +62,16 @@ import torch
 from ..atomic import atomic_path
 from ..errors import LoraFileError, TransferOptionError
 
-ALGORITHM_VERSION = 2
+ALGORITHM_VERSION = 3      # 3: certified sketches (Gram where they cannot promise), float64 Gram fallback
 METHODS = ("exact", "gram", "randomized")
 SKETCH_DTYPES = ("float32", "bfloat16")
 DEFAULT_RANK = 320
 DEFAULT_MEMORY_BYTES = 1 << 30
 CACHE_ENV = "LORAX_CACHE_DIR"
+# accuracy promise of the sketches (METHOD §2b), see the module docstring
+SKETCH_TOLERANCE = 2e-3     # predicted loss 1 - ||U^T U_exact||_F^2 / r a sketch may have
+SKETCH_SAFETY = 3.0         # margin on the per-direction convergence model (measured: it is off by up to 2.5x)
+MAX_POWER_ITERS = 6         # beyond this a sketch costs as much as the Gram on 2 CPU cores
 
 
 def default_cache_dir() -> Path:
@@ -141,6 +146,8 @@ class Basis:
 
     ``u`` is ``[m, r]`` and ``v`` is ``[n, r]``, float32 with orthonormal columns; ``None`` means the side
     spans its whole space (identity projector). ``s`` holds the top singular values when computed.
+    ``estimate`` is True for a randomised sketch (its accuracy is a prediction from its own Ritz values, see
+    :data:`SKETCH_TOLERANCE`), False for an exact or Gram basis (the requested method may have fallen back).
     """
 
     shape: tuple[int, int]
@@ -148,6 +155,7 @@ class Basis:
     v: torch.Tensor | None
     s: torch.Tensor | None
     method: str
+    estimate: bool = False
 
     @property
     def rank_u(self) -> int:
@@ -164,7 +172,7 @@ class Basis:
         if dtype == torch.float32:
             return self
         cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
-        return Basis(self.shape, cast(self.u), cast(self.v), self.s, self.method)
+        return Basis(self.shape, cast(self.u), cast(self.v), self.s, self.method, self.estimate)
 
     @property
     def nbytes(self) -> int:
@@ -190,14 +198,20 @@ def _orth_fast(x: torch.Tensor) -> torch.Tensor:
 
 def _gram(w: torch.Tensor, rank: int):
     """Top-``rank`` triplets of ``w`` from the float64 eigendecomposition of its smaller Gram matrix (``W^T W``
-    or ``W W^T``, formed in ``w``'s dtype); the other side is ``W V`` (or ``W^T U``) made orthonormal by a QR.
+    or ``W W^T``, formed in float64); the other side is ``W V`` (or ``W^T U``) in ``w``'s dtype, made
+    orthonormal by a QR.
 
-    The "gram" method passes float32 ``w``: 4x cheaper than a float64 Gram for a 10240 x 1280 weight.
-    Rounding the Gram perturbs the directions next to index r, where the spectrum is flattest: on zoo
-    weights the projector moves by ~5e-4 relative, 20x inside the 1e-2 the fast transfer allows."""
+    The Gram is float64 even for the "gram" method's float32 ``w``: a float32 Gram rounds every entry by
+    ~1e-3 ``eps32 s_1^2`` (measured in its eigenbasis), which on trained-looking spectra (slow bulk, s_1 / s_r
+    up to 1e4) moved the top-320 projector by 1e-2 to 0.7 relative; only zoo-like 1/i weights with a small
+    condition number stayed within 1e-3. Deciding per weight needs the spectrum, i.e. a second
+    eigendecomposition, which costs more than the float64 Gram product (+0.04 s at 1280 x 1280, +0.24 s at
+    10240 x 1280 on one core). The float32 ``W V`` rounds u_i by ~eps32 s_1 / s_i: 6e-4 at s_1 / s_r = 1e4."""
     m, n = w.shape
     tall = m >= n
-    evals, evecs = torch.linalg.eigh((w.T @ w if tall else w @ w.T).double())
+    wd = w.double()
+    evals, evecs = torch.linalg.eigh(wd.T @ wd if tall else wd @ wd.T)
+    del wd
     small = evecs[:, -rank:].flip(-1).to(device=w.device, dtype=w.dtype)
     big = _orth(w @ small) if tall else _orth(w.T @ small)
     s = evals[-rank:].flip(-1).clamp_min(0).sqrt().to(w.device)
@@ -222,28 +236,79 @@ def _sketch_matrix(n: int, cols: int, seed: int) -> torch.Tensor:
 
 
 def _randomized(w: torch.Tensor, spec: SubspaceSpec):
+    """Sketched top-r triplets ``(u, v, s, estimate)``; a Gram basis (``estimate`` False) where the sketch's own
+    Ritz values cannot promise :data:`SKETCH_TOLERANCE` within :data:`MAX_POWER_ITERS` iterations."""
     m, n = w.shape
     if m > n:   # sketch the short side, so every orthonormalisation is on [min(m, n), l]
-        v, u, s = _randomized(w.T, spec)
-        return u, v, s
+        v, u, s, estimate = _randomized(w.T, spec)
+        return u, v, s, estimate
     dt = getattr(torch, spec.sketch_dtype)
     a = w.to(dt)
-    omega = _sketch_matrix(n, spec.rank + spec.oversample, spec.seed).to(device=w.device, dtype=dt)
+    width = spec.rank + spec.oversample
+    omega = _sketch_matrix(n, width, spec.seed).to(device=w.device, dtype=dt)
     q = _orth_fast((a @ omega).float())
-    for _ in range(spec.power_iters):
-        q = _orth_fast((a @ _orth_fast((a.T @ q.to(dt)).float()).to(dt)).float())
-    bt = (a.T @ q.to(dt)).float()                   # (Q^T W)^T, [n, l]
-    # Rayleigh-Ritz on the sketch, in float64: float32 here moves similarities by up to 0.008
+    # entries of W rounded to the sketch dtype: relative error uniform in +-eps/2, rms eps / sqrt(12)
+    rounding = torch.finfo(dt).eps / math.sqrt(12) * float(torch.linalg.vector_norm(w)) / math.sqrt(m * n)
+    done, goal = 0, spec.power_iters
+    while True:
+        for _ in range(goal - done):
+            q = _orth_fast((a @ _orth_fast((a.T @ q.to(dt)).float()).to(dt)).float())
+        done = goal
+        u, v, s, ritz = _rayleigh_ritz(w, q, spec.rank)
+        goal = _iterations_needed(ritz, spec.rank, m, rounding, done)
+        if goal == done:
+            return u, v, s, True
+        if goal > MAX_POWER_ITERS or done > spec.power_iters:     # one top-up at most, then the Gram
+            return (*_gram(w, spec.rank), False)
+
+
+def _rayleigh_ritz(w: torch.Tensor, q: torch.Tensor, rank: int):
+    """Best top-``rank`` triplets of ``w`` ``[m, n]`` within the span of ``q`` ``[m, l]``, plus all ``l`` Ritz
+    values (descending). The products with ``w`` run in float32 whatever the sketch dtype: bfloat16 here
+    would cap the accuracy at bfloat16's rounding of W."""
+    bt = w.T @ q                                    # (Q^T W)^T, [n, l]
+    # in float64: float32 here moves similarities by up to 0.008
     evals, evecs = torch.linalg.eigh((bt.T @ bt).double())
-    ub = evecs[:, -spec.rank:].flip(-1).to(device=w.device, dtype=torch.float32)
-    s = evals[-spec.rank:].flip(-1).clamp_min(0).sqrt().to(device=w.device, dtype=torch.float32)
+    ritz = evals.flip(0).clamp_min(0).sqrt()
+    ub = evecs[:, -rank:].flip(-1).to(device=w.device, dtype=torch.float32)
+    s = ritz[:rank].to(device=w.device, dtype=torch.float32)
     u = q @ ub
     # (Q^T W)^T ub has orthogonal columns of norms s (ub are eigenvectors of its Gram): scaling replaces a QR
     bu = bt @ ub
     v = bu / s.clamp_min(torch.finfo(torch.float32).tiny)
     if not bool(torch.isfinite(v).all()) or float(s[-1]) <= float(s[0]) * 1e-6:
         v = _orth(bu)                               # (numerically) rank-deficient sketch
-    return u, v, s
+    return u, v, s, ritz
+
+
+def _iterations_needed(ritz: torch.Tensor, rank: int, dim: int, rounding: float, done: int) -> int:
+    """The fewest power iterations (>= ``done``) after which a sketch with these Ritz values (descending,
+    float64, ``l`` of them, of a weight whose short side is ``dim``) captures all but
+    :data:`SKETCH_TOLERANCE` of the exact top-``rank`` subspace, or ``MAX_POWER_ITERS + 1``.
+
+    Subspace iteration turns direction i away from the exact one by about ``(s_{l+1} / s_i)^(2q+1)``
+    (Halko et al. 2011, Thm 9.2, per direction): the predicted loss ``1 - ||U^T U_exact||_F^2 / r`` is
+    ``SKETCH_SAFETY * mean_i (s_{l+1} / s_i)^(4q+2)``. ``s_{l+1}`` is not in the sketch; the Ritz values
+    over ``[r/2, r]`` (converged first) are fitted by a power law and extrapolated to ``l + 1``. Rounding W
+    to the sketch dtype (rms entry error ``rounding``) moves the subspace by ``rounding^2 (dim - l) / (s_i -
+    s_{l+1})^2`` per direction whatever q is: bfloat16 sketches of ill-conditioned weights cannot converge."""
+    width = ritz.shape[0]
+    theta = ritz[:rank]
+    if rank < 2 or float(theta[-1]) <= 0.0:     # no decay to fit: the Gram decides
+        return MAX_POWER_ITERS + 1
+    lo = rank // 2
+    x = torch.log(torch.arange(lo, rank + 1, dtype=torch.float64))
+    y = torch.log(ritz[lo - 1:rank])
+    x, y = x - x.mean(), y - y.mean()
+    decay = max(-float((x * y).sum() / (x * x).sum()), 0.0)
+    next_value = float(theta[-1]) * ((width + 1) / rank) ** -decay
+    ratio = next_value / theta
+    floor = float((rounding ** 2 * max(dim - width, 0) / (theta - next_value).square()).clamp(max=1.0).mean())
+    for q in range(done, MAX_POWER_ITERS + 1):
+        loss = SKETCH_SAFETY * float(ratio.pow(4 * q + 2).clamp(max=1.0).mean()) + floor
+        if loss <= SKETCH_TOLERANCE:
+            return q
+    return MAX_POWER_ITERS + 1
 
 
 def compute_basis(w: torch.Tensor, spec: SubspaceSpec, device="cpu") -> Basis:
@@ -252,10 +317,15 @@ def compute_basis(w: torch.Tensor, spec: SubspaceSpec, device="cpu") -> Basis:
     m, n = w.shape
     eff = spec.effective(m, n)
     w = w.to(device=device, dtype=torch.float32)
-    compute = {"exact": _exact, "gram": _gram}.get(eff.method)
-    u, v, s = compute(w, eff.rank) if compute is not None else _randomized(w, eff)
+    estimate = False
+    if eff.method == "exact":
+        u, v, s = _exact(w, eff.rank)
+    elif eff.method == "gram":
+        u, v, s = _gram(w, eff.rank)
+    else:
+        u, v, s, estimate = _randomized(w, eff)
     cpu = lambda t: None if t is None else t.to("cpu", torch.float32).contiguous()  # noqa: E731
-    return Basis((m, n), cpu(u), cpu(v), cpu(s), eff.describe())
+    return Basis((m, n), cpu(u), cpu(v), cpu(s), eff.describe(), estimate)
 
 
 # --------------------------------------------------------------------------------------------- cache
@@ -421,7 +491,10 @@ class SubspaceCache:
                 t = {k: f.get_tensor(k) for k in f.keys()}
             if metadata.get("lorax.checksum") != _checksum(t):
                 raise ValueError("content does not match its checksum")
-            basis = Basis(shape, t.get("u"), t.get("v"), t.get("s"), eff.describe())
+            estimate = metadata.get("lorax.estimate")
+            if estimate not in ("0", "1"):
+                raise ValueError("entry does not say whether it is an estimate")
+            basis = Basis(shape, t.get("u"), t.get("v"), t.get("s"), eff.describe(), estimate == "1")
             _validate(basis, eff.rank)      # the checksum vouches for the values, checked when written
             os.utime(path)                  # mtime = last use, for the disk budget's LRU eviction
             return basis
@@ -442,6 +515,7 @@ class SubspaceCache:
             path.parent.mkdir(parents=True, exist_ok=True)
             with atomic_path(path) as tmp:
                 save_file(tensors, str(tmp), metadata={"lorax.cache_key": ckey, "lorax.method": basis.method,
+                                                       "lorax.estimate": str(int(basis.estimate)),
                                                        "lorax.checksum": _checksum(tensors)})
         except (OSError, SafetensorError):     # safetensors reports a full disk as SafetensorError
             pass    # a read-only or full cache disk costs speed, never the result
