@@ -111,7 +111,7 @@ def main(argv=None) -> int:
         print(f"[demo] for CPU: {change}")
 
     start = time.perf_counter()
-    zoo_names = dict(zip(("sd15", "sdxl"), ZOO_MODELS[args.models]))
+    zoo_names = dict(zip(("sd15", "sdxl"), ZOO_MODELS[args.models], strict=True))
     print(f"[demo] synthetic checkpoints ({args.models}) in {lorax_zoo.cache_dir()}")
     lorax_zoo.build(zoo_names.values())
     lora = lorax_zoo.make_sd15_lora(args.out / "synthetic_sd15_style.safetensors", rank=32, seed=0)
