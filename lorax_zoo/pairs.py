@@ -36,23 +36,31 @@ def _check_dims(**dims: int) -> None:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
-def trained_spectrum(d: int, *, exponent: float = 0.2, cond: float = 1e3, head: int = 16) -> torch.Tensor:
-    """``d`` strictly descending float64 singular values with ``s[0] / s[-1] == cond``.
-
-    The bulk is ``(i+1)^-exponent``; the first ``head`` values are lifted by a factor decaying geometrically
-    from ``A`` to 1 at index ``head``, with ``A = cond / d^exponent`` so the whole spectrum has condition
-    number ``cond``. Scale is arbitrary (``s[-1]`` is ``d^-exponent``).
-    """
-    _check_dims(d=d, head=head)
+def spectrum_bulk(d: int, exponent: float) -> torch.Tensor:
+    """The slow bulk ``(i+1)^-exponent``, float64, length ``d``."""
+    _check_dims(d=d)
     if exponent <= 0:
         raise ValueError(f"exponent must be > 0 (a decaying bulk), got {exponent}")
-    i = torch.arange(d, dtype=torch.float64)
-    bulk = (i + 1) ** -exponent
+    return (torch.arange(d, dtype=torch.float64) + 1) ** -exponent
+
+
+def trained_spectrum(d: int, *, exponent: float = 0.2, cond: float = 1e3, head: int = 16) -> torch.Tensor:
+    """``d`` (>= 2) strictly descending float64 singular values with ``s[0] / s[-1] == cond``.
+
+    The bulk is :func:`spectrum_bulk`; the first ``h = min(head, d - 1)`` values are lifted by a factor
+    decaying geometrically from ``A`` to exactly 1 at index ``h``, with ``A = cond / d^exponent`` so the whole
+    spectrum has condition number ``cond``. Scale is arbitrary (``s[-1]`` is ``d^-exponent``).
+    """
+    _check_dims(d=d, head=head)
+    if d < 2:
+        raise ValueError(f"d must be >= 2 (one singular value has condition number 1), got {d}")
+    bulk = spectrum_bulk(d, exponent)
     lift = cond / float(bulk[0] / bulk[-1])
     if lift < 1:
         raise ValueError(f"cond {cond:g} is below the bulk's own condition number {d ** exponent:.4g} "
                          f"(d={d}, exponent={exponent}): raise cond or lower exponent")
-    factor = lift ** (1 - i / head).clamp(min=0)     # lift at i = 0, exactly 1 from i = head on
+    h = min(head, d - 1)
+    factor = lift ** (1 - torch.arange(d, dtype=torch.float64) / h).clamp(min=0)
     return bulk * factor
 
 
@@ -92,8 +100,8 @@ def trained_weight(m: int, n: int, *, exponent: float = 0.2, cond: float = 1e3, 
     return _compose(u, trained_spectrum(min(m, n), exponent=exponent, cond=cond), v, scale)
 
 
-def _swap_and_perturb(u: torch.Tensor, v: torch.Tensor, rank: int, overlap: float,
-                      gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def rotate_top_directions(u: torch.Tensor, v: torch.Tensor, rank: int, overlap: float,
+                          gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Swap a fraction ``1 - overlap`` of the first ``rank`` columns of ``u`` and ``v`` with random later
     columns (the same positions in both, so a rotated direction is a whole new singular pair), then nudge every
     column by a small plane rotation with a random partner column (orthonormal by construction, O(m r) instead
@@ -114,7 +122,7 @@ def _nudge(basis: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     r = basis.shape[1]
     order = torch.randperm(r, generator=gen)[:r - r % 2]
     a, b = order[0::2], order[1::2]
-    theta = PERTURBATION * torch.randn(len(a), generator=gen, dtype=torch.float64)
+    theta = PERTURBATION * torch.randn(len(a), generator=gen, dtype=torch.float64).to(basis.dtype)
     cos, sin = torch.cos(theta), torch.sin(theta)
     out = basis.clone()
     out[:, a] = basis[:, a] * cos + basis[:, b] * sin
@@ -152,7 +160,7 @@ def weight_pair(kind: str, m: int, n: int, *, exponent: float = 0.2, cond: float
         return source, _compose(u, trained_spectrum(r, exponent=t_exp, cond=cond), v, 0.03)
     if kind == "partial_overlap":
         gen = torch.Generator().manual_seed(_derived_seed(seed, "partial_overlap"))
-        u_t, v_t = _swap_and_perturb(u, v, rank, overlap, gen)
+        u_t, v_t = rotate_top_directions(u, v, rank, overlap, gen)
         return source, _compose(u_t, s, v_t, 0.03)
     return source, trained_weight(m, n, exponent=exponent, cond=cond, seed=_derived_seed(seed, "unrelated"))
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import fcntl
 import functools
-import hashlib
 import json
 import math
 import os
@@ -27,8 +26,10 @@ from pathlib import Path
 
 import torch
 
+from . import trained
+from .seeds import generator as _generator
+
 ZOO_VERSION = 1           # bump when generated values change: it is part of every cached file's name
-ZOO_SEED = 20250127
 TABLES_DIR = Path(__file__).resolve().parent / "tables"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -46,6 +47,8 @@ class _Part:
     prefix: str       # key prefix inside the checkpoint file
     table: str        # layout table (lorax_zoo/tables/<table>.json)
     seed_ns: str      # values depend on (seed_ns, key) only
+    trained: bool = False                 # 2-D / 4-D weights from lorax_zoo.trained instead of spectral_matrix
+    dtype: torch.dtype = torch.float16    # as stored in the file
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,12 @@ class _Spec:
     parts: tuple[_Part, ...]
     drift_ns: str | None = None    # fine-tunes: seed namespace of the low-rank drift
     description: str = ""
+    rotate_ns: str | None = None   # trained fine-tunes: seed namespace of the top-subspace rotation
+
+    @property
+    def version(self) -> str:
+        """Generator version of the values: trained parts add lorax_zoo.trained's own."""
+        return f"{ZOO_VERSION}t{trained.VERSION}" if any(p.trained for p in self.parts) else str(ZOO_VERSION)
 
 
 _CLIP_SD15 = _Part("cond_stage_model.transformer.", "clip_l", "clip_l")
@@ -61,6 +70,13 @@ _CLIP_G_SDXL = _Part("conditioner.embedders.1.model.", "clip_g_openclip", "clip_
 _VAE = _Part("first_stage_model.", "vae", "vae")
 _SD15 = (_Part(UNET_PREFIX, "sd15_unet", "sd15_unet"), _CLIP_SD15)
 _SDXL = (_Part(UNET_PREFIX, "sdxl_unet", "sdxl_unet"), _CLIP_L_SDXL, _CLIP_G_SDXL)
+
+# trained-looking parts (lorax_zoo.trained): SD1.5's CLIP-L stored fp32 as in v1-5-pruned-emaonly; SDXL's is
+# the same values cast to fp16 (same seed namespace), as in the real models
+_TRAINED_CLIP_SD15 = _Part(_CLIP_SD15.prefix, "clip_l", "clip_l_trained", trained=True, dtype=torch.float32)
+_TRAINED_CLIP_L_SDXL = _Part(_CLIP_L_SDXL.prefix, "clip_l", "clip_l_trained", trained=True)
+_TRAINED_CLIP_G_SDXL = _Part(_CLIP_G_SDXL.prefix, "clip_g_openclip", "clip_g_trained", trained=True)
+_SD15_TRAINED = (_Part(UNET_PREFIX, "sd15_unet", "sd15_unet_trained", trained=True), _TRAINED_CLIP_SD15)
 
 SPECS: dict[str, _Spec] = {
     "sd15": _Spec(_SD15, description="SD1.5 layout: UNet 860 M + CLIP-L 123 M (fp16, 2.0 GB)"),
@@ -76,6 +92,23 @@ SPECS: dict[str, _Spec] = {
                                    "workflows run end to end on CPU (fp16, 2.1 GB)"),
     "tiny_vega": _Spec((_Part(UNET_PREFIX, "tiny_vega_unet", "tiny_vega_unet"),),
                        description="86 M UNet detected as Segmind Vega, no text encoders"),
+    "sd15_trained": _Spec(_SD15_TRAINED, description="SD1.5 layout with trained-looking spectra: UNet 860 M fp16 + "
+                                                     "CLIP-L 123 M fp32 as v1-5-pruned-emaonly stores it (2.2 GB)"),
+    "sdxl_trained": _Spec((_Part(UNET_PREFIX, "sdxl_unet", "sdxl_unet_trained", trained=True), _TRAINED_CLIP_L_SDXL,
+                           _TRAINED_CLIP_G_SDXL),
+                          description="SDXL layout with trained-looking spectra, fp16; CLIP-L = fp16(sd15_trained's "
+                                      "fp32 CLIP-L), UNet unrelated to sd15_trained's (6.8 GB)"),
+    "sd15_trained_finetune": _Spec(_SD15_TRAINED, rotate_ns="sd15_trained_finetune",
+                                   description="sd15_trained with part of every 2-D / 4-D weight's top subspace "
+                                               "rotated (overlap 0.3-0.9 by layer shape)"),
+    "tiny_sd15_trained": _Spec((_Part(UNET_PREFIX, "tiny_sd15_unet", "tiny_sd15_unet_trained", trained=True),
+                                _TRAINED_CLIP_SD15),
+                               description="tiny_sd15's UNet with trained-looking spectra, plus sd15_trained's fp32 "
+                                           "CLIP-L (0.55 GB)"),
+    "demo_sdxl_trained": _Spec((_Part(UNET_PREFIX, "tiny_sdxl_unet", "tiny_sdxl_unet_trained", trained=True),
+                                _TRAINED_CLIP_L_SDXL, _TRAINED_CLIP_G_SDXL, _VAE),
+                               description="demo_sdxl with trained-looking spectra: tiny SDXL UNet, sdxl_trained's "
+                                           "text encoders (fp16 CLIP-L), demo_sdxl's VAE (2.1 GB)"),
 }
 CHECKPOINTS = tuple(SPECS)
 
@@ -98,7 +131,7 @@ def set_cache_dir(path) -> None:
 
 # ---------------------------------------------------------------- tables
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _load_table(name: str) -> dict:
     path = TABLES_DIR / f"{name}.json"
     if not path.is_file():
@@ -128,11 +161,20 @@ def checkpoint_keys(name: str) -> dict[str, tuple[int, ...]]:
     The file is ordered by shape, then key: weights of one shape share a cached spectral core, so building
     them back to back needs only one core in memory.
     """
+    return {key: shape for key, (shape, _) in _entries(name).items()}
+
+
+def checkpoint_dtypes(name: str) -> dict[str, torch.dtype]:
+    """{file key: dtype as stored} of a zoo checkpoint (float16, but fp32 CLIP-L where a spec says so)."""
+    return {key: dtype for key, (_, dtype) in _entries(name).items()}
+
+
+def _entries(name: str) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     out = {}
     for part in _spec(name).parts:
         for key, shape in key_table(part.table).items():
-            out[part.prefix + key] = shape
-    return dict(sorted(out.items(), key=lambda item: (item[1], item[0])))
+            out[part.prefix + key] = (shape, part.dtype)
+    return dict(sorted(out.items(), key=lambda item: (item[1][0], item[0])))
 
 
 def _spec(name: str) -> _Spec:
@@ -143,16 +185,7 @@ def _spec(name: str) -> _Spec:
 
 # ---------------------------------------------------------------- deterministic values
 
-def _seed(*parts) -> int:
-    digest = hashlib.sha256(":".join(str(p) for p in (ZOO_SEED, *parts)).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
-def _generator(*parts) -> torch.Generator:
-    return torch.Generator().manual_seed(_seed(*parts))
-
-
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _basis(dim: int) -> torch.Tensor:
     """A Haar-random [dim, min(dim, K)] matrix with orthonormal columns, one per dimension."""
     k = min(dim, SPECTRUM_RANK)
@@ -226,7 +259,8 @@ def _drift(drift_ns: str, key: str, w: torch.Tensor) -> torch.Tensor:
 
 
 def weight(name: str, key: str) -> torch.Tensor:
-    """One fp16 tensor of zoo checkpoint ``name`` (file key), computed without reading or building the file."""
+    """One tensor of zoo checkpoint ``name`` (file key) in its stored dtype, computed without reading or
+    building the file."""
     spec = _spec(name)
     for part in spec.parts:
         if key.startswith(part.prefix):
@@ -234,21 +268,28 @@ def weight(name: str, key: str) -> torch.Tensor:
             sub = key[len(part.prefix):]
             if sub in table:
                 shape = tuple(table[sub])
-                w = _base_tensor(part.seed_ns, sub, shape)
+                if part.trained and len(shape) in (2, 4):
+                    w = trained.trained_matrix(part.seed_ns, sub, shape[0], math.prod(shape[1:]),
+                                               spec.rotate_ns).view(shape)
+                else:
+                    w = _base_tensor(part.seed_ns, sub, shape)
                 if spec.drift_ns and len(shape) in (2, 4):
                     w += _drift(spec.drift_ns, part.table + ":" + sub, w)
-                return w.to(torch.float16)
+                return w.to(part.dtype)
     raise KeyError(f"zoo checkpoint {name!r} has no tensor {key!r}")
 
 
 # ---------------------------------------------------------------- safetensors writing
 
-def _safetensors_header(entries: dict[str, tuple[int, ...]], dtype: str, itemsize: int,
-                        metadata: dict[str, str]) -> bytes:
+_SAFETENSORS_DTYPES = {torch.float16: ("F16", 2), torch.float32: ("F32", 4)}
+
+
+def _safetensors_header(entries: dict[str, tuple[tuple[int, ...], torch.dtype]], metadata: dict[str, str]) -> bytes:
     header, offset = {}, 0
-    for key, shape in entries.items():
+    for key, (shape, dtype) in entries.items():
+        code, itemsize = _SAFETENSORS_DTYPES[dtype]
         nbytes = math.prod(shape) * itemsize
-        header[key] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        header[key] = {"dtype": code, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     header["__metadata__"] = metadata
     raw = json.dumps(header, separators=(",", ":")).encode()
@@ -256,15 +297,17 @@ def _safetensors_header(entries: dict[str, tuple[int, ...]], dtype: str, itemsiz
     return struct.pack("<Q", len(raw)) + raw
 
 
-def write_streamed_fp16(path, entries: dict[str, tuple[int, ...]], produce, metadata: dict[str, str]) -> None:
-    """Write a .safetensors file one tensor at a time (``produce(key) -> fp16 tensor``), so peak memory is
-    one tensor rather than the whole model; the layout is fixed up front from the shapes."""
+def write_streamed(path, entries: dict[str, tuple[tuple[int, ...], torch.dtype]], produce,
+                   metadata: dict[str, str]) -> None:
+    """Write a .safetensors file one tensor at a time (``produce(key) -> tensor`` of ``entries[key]``'s shape
+    and dtype, float16 or float32), so peak memory is one tensor rather than the whole model; the layout is
+    fixed up front from the shapes."""
     with open(path, "wb") as f:
-        f.write(_safetensors_header(entries, "F16", 2, metadata))
-        for key, shape in entries.items():
+        f.write(_safetensors_header(entries, metadata))
+        for key, (shape, dtype) in entries.items():
             t = produce(key)
-            if t.dtype != torch.float16 or tuple(t.shape) != tuple(shape):
-                raise ValueError(f"{key}: produced {t.dtype} {tuple(t.shape)}, expected float16 {shape}")
+            if t.dtype != dtype or tuple(t.shape) != tuple(shape):
+                raise ValueError(f"{key}: produced {t.dtype} {tuple(t.shape)}, expected {dtype} {shape}")
             f.write(memoryview(t.contiguous().numpy()).cast("B"))
 
 
@@ -272,12 +315,11 @@ def write_streamed_fp16(path, entries: dict[str, tuple[int, ...]], produce, meta
 
 def checkpoint_path(name: str) -> Path:
     """Where ``checkpoint(name)`` is (or will be) cached."""
-    _spec(name)
-    return cache_dir() / f"{name}-v{ZOO_VERSION}.safetensors"
+    return cache_dir() / f"{name}-v{_spec(name).version}.safetensors"
 
 
 def checkpoint(name: str) -> Path:
-    """Path of the cached single-file fp16 checkpoint ``name``, building it on first use.
+    """Path of the cached single-file checkpoint ``name``, building it on first use.
 
     Safe under concurrency: builders serialise on a lock file and publish by atomic rename, so a reader
     never sees a partial file.
@@ -298,9 +340,9 @@ def _ensure(name: str) -> bool:
             return False
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         try:
-            metadata = {"lorax_zoo.name": name, "lorax_zoo.version": str(ZOO_VERSION),
+            metadata = {"lorax_zoo.name": name, "lorax_zoo.version": SPECS[name].version,
                         "lorax_zoo.description": SPECS[name].description}
-            write_streamed_fp16(tmp, checkpoint_keys(name), functools.partial(weight, name), metadata)
+            write_streamed(tmp, _entries(name), functools.partial(weight, name), metadata)
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)

@@ -21,7 +21,8 @@ CLIP_L_SD15 = "cond_stage_model.transformer."
 
 
 def _meta_state_dict(zoo, name):
-    return {k: torch.empty(shape, dtype=torch.float16, device="meta") for k, shape in zoo.checkpoint_keys(name).items()}
+    shapes, dtypes = zoo.checkpoint_keys(name), zoo.checkpoint_dtypes(name)
+    return {k: torch.empty(shape, dtype=dtypes[k], device="meta") for k, shape in shapes.items()}
 
 
 def test_committed_tables_equal_tables_regenerated_from_comfyui(comfy):
@@ -52,7 +53,10 @@ def test_tables_have_the_documented_sizes(zoo):
 
 @pytest.mark.parametrize("name, expected", [("sd15", "SD15"), ("sdxl", "SDXL"), ("sd15_finetune", "SD15"),
                                             ("tiny_sd15", "SD15"), ("tiny_sdxl", "SDXL"),
-                                            ("tiny_vega", "Segmind_Vega"), ("demo_sdxl", "SDXL")])
+                                            ("tiny_vega", "Segmind_Vega"), ("demo_sdxl", "SDXL"),
+                                            ("sd15_trained", "SD15"), ("sdxl_trained", "SDXL"),
+                                            ("sd15_trained_finetune", "SD15"), ("tiny_sd15_trained", "SD15"),
+                                            ("demo_sdxl_trained", "SDXL")])
 def test_checkpoint_layouts_map_onto_comfyui_models(comfy, zoo, name, expected):
     """ComfyUI detects the layout and maps every tensor of it, text encoders included (no file needed)."""
     sd = _meta_state_dict(zoo, name)
@@ -148,7 +152,8 @@ def test_finetunes_are_base_plus_small_rank4_drift(zoo, name, key):
 
 
 def test_finetunes_keep_1d_tensors(zoo):
-    for key in (UNET + "middle_block.1.norm.weight", UNET + "out.2.bias", CLIP_L_SD15 + "text_model.final_layer_norm.bias"):
+    for key in (UNET + "middle_block.1.norm.weight", UNET + "out.2.bias",
+                CLIP_L_SD15 + "text_model.final_layer_norm.bias"):
         torch.testing.assert_close(zoo.weight("sd15_finetune", key), zoo.weight("sd15", key), rtol=0, atol=0)
 
 

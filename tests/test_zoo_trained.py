@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from safetensors import safe_open
 from torch.testing import assert_close
 
 from lorax_zoo.pairs import PAIR_KINDS, random_orthonormal, slot_pair, trained_spectrum, trained_weight, weight_pair
@@ -140,3 +141,175 @@ def test_slot_pair_relates_only_the_clip_l_slot(kind):
     assert _overlap(_svd(source)[0], uo, 24) == pytest.approx(24 / 320, abs=0.05)
     assert math.isclose(float(other.square().mean().sqrt()), 0.03, rel_tol=1e-2)
 
+
+
+# ---------------------------------------------------------------- trained-looking checkpoints
+
+UNET = "model.diffusion_model."
+CLIP_L_SD15 = "cond_stage_model.transformer."
+CLIP_L_SDXL = "conditioner.embedders.0.transformer."
+CLIP_G = "conditioner.embedders.1.model."
+
+
+def _gram_svd(w: torch.Tensor, r: int):
+    """(s, U_r, V_r) of ``w`` (4-D read as [m, c*kh*kw]) from the smaller float64 Gram matrix: LAPACK's SVD of
+    a wide 320 x 2880 matrix is slower."""
+    a = w.double().flatten(1)
+    wide = a.shape[0] <= a.shape[1]
+    evals, evecs = torch.linalg.eigh(a @ a.T if wide else a.T @ a)
+    s, small = evals.flip(0).clamp(min=0).sqrt(), evecs.flip(1)[:, :r]
+    other = (a.T if wide else a) @ small / s[:r]
+    return (s, small, other) if wide else (s, other, small)
+
+
+def _svdvals(w: torch.Tensor) -> torch.Tensor:
+    """Singular values, descending, from the eigenvalues of the smaller float64 Gram matrix (eigenvalues only:
+    a 1280 x 1280 eigh with vectors takes half a minute on 2 busy cores)."""
+    a = w.double().flatten(1)
+    return torch.linalg.eigvalsh(a @ a.T if a.shape[0] <= a.shape[1] else a.T @ a).flip(0).clamp(min=0).sqrt()
+
+
+def _check_looks_trained(w: torch.Tensor, exponent: float) -> None:
+    s = _svdvals(w)
+    k = len(s)
+    cond = float(s[0] / s[-1])
+    assert 80 < cond < 1.3e4, cond                                    # 1e2..1e4 up to fp16 rounding
+    assert _fitted_exponent(s[:int(0.8 * k)], 16) == pytest.approx(exponent, abs=0.03)
+    assert float(s[0] / s[16]) > 2          # a head above the bulk
+
+
+@pytest.mark.parametrize("name, key, seed_ns", [
+    ("sd15_trained", UNET + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight", "sd15_unet_trained"),  # 320x768
+    ("sd15_trained", UNET + "input_blocks.4.0.out_layers.3.weight", "sd15_unet_trained"),         # 640 x 5760
+    ("sd15_trained", CLIP_L_SD15 + "text_model.encoder.layers.3.self_attn.q_proj.weight", "clip_l_trained"),
+    ("sdxl_trained", UNET + "output_blocks.0.1.transformer_blocks.4.attn1.to_out.0.weight", "sdxl_unet_trained"),
+    ("sdxl_trained", CLIP_G + "transformer.resblocks.7.attn.in_proj_weight", "clip_g_trained"),  # 3840 x 1280
+    ("tiny_sd15_trained", UNET + "input_blocks.1.0.in_layers.2.weight", "tiny_sd15_unet_trained"),  # 320 x 2880
+    ("demo_sdxl_trained", UNET + "output_blocks.0.0.skip_connection.weight", "tiny_sdxl_unet_trained"),
+])
+def test_trained_checkpoint_weights_look_trained(zoo, name, key, seed_ns):
+    w = zoo.weight(name, key)
+    assert w.dtype == zoo.checkpoint_dtypes(name)[key]
+    assert 0.019 < float(w.float().std()) < 0.051
+    _check_looks_trained(w, zoo.zoo.trained.bulk_exponent(seed_ns, w.shape[0], math.prod(w.shape[1:])))
+
+
+def test_clip_l_is_one_fp32_weight_set_that_sdxl_stores_as_fp16(zoo):
+    """sd15_trained and tiny_sd15_trained store CLIP-L fp32; sdxl_trained and demo_sdxl_trained store exactly its
+    fp16 cast, tensor for tensor (the real SD1.5 fp32 vs SDXL fp16 CLIP-L: the identity axiom across dtypes)."""
+    path = zoo.checkpoint("tiny_sd15_trained")
+    dtypes = zoo.checkpoint_dtypes("tiny_sd15_trained")
+    with safe_open(str(path), "pt") as f:
+        assert f.metadata()["lorax_zoo.version"] == zoo.checkpoint_path("tiny_sd15_trained").stem.split("-v")[1]
+        clip_keys = [k for k in f.keys() if k.startswith(CLIP_L_SD15)]
+        assert len(clip_keys) == 196 and {dtypes[k] for k in clip_keys} == {torch.float32}
+        assert {dtypes[k] for k in f.keys() if k.startswith(UNET)} == {torch.float16}
+        for key in clip_keys:
+            fp32 = f.get_tensor(key)
+            assert fp32.dtype == torch.float32
+            sdxl = zoo.weight("sdxl_trained", CLIP_L_SDXL + key[len(CLIP_L_SD15):])
+            assert sdxl.dtype == torch.float16 and torch.equal(sdxl, fp32.half()), key
+            if key.endswith("v_proj.weight"):
+                assert torch.equal(zoo.weight("sd15_trained", key), fp32)
+                assert torch.equal(zoo.weight("demo_sdxl_trained", CLIP_L_SDXL + key[len(CLIP_L_SD15):]), sdxl)
+        unet_key = UNET + "middle_block.1.proj_out.weight"
+        assert torch.equal(f.get_tensor(unet_key), zoo.weight("tiny_sd15_trained", unet_key))
+    assert path.stat().st_size == 8 + int.from_bytes(path.read_bytes()[:8], "little") + sum(
+        math.prod(shape) * dtypes[k].itemsize for k, shape in zoo.checkpoint_keys("tiny_sd15_trained").items())
+
+
+def test_tiny_sd15_trained_loads_in_comfyui_with_its_fp32_clip_l(comfy, zoo, comfy_logs):
+    with torch.inference_mode():
+        model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(str(zoo.checkpoint("tiny_sd15_trained")),
+                                                                  output_vae=False, output_clip=True)
+    assert type(model.model.model_config).__name__ == "SD15" and clip is not None
+    assert not [m for m in comfy_logs.messages() if "clip missing" in m or "left over" in m]
+    key = "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+    assert torch.equal(model.model.diffusion_model.state_dict()[key].float(),
+                       zoo.weight("tiny_sd15_trained", UNET + key).float())
+    l_key = "text_model.encoder.layers.5.mlp.fc1.weight"
+    loaded = clip.cond_stage_model.state_dict()["clip_l.transformer." + l_key]
+    assert torch.equal(loaded, zoo.weight("tiny_sd15_trained", CLIP_L_SD15 + l_key).to(loaded.dtype))
+
+
+@pytest.mark.parametrize("key", [UNET + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight",    # 320 x 768
+                                 UNET + "input_blocks.1.0.in_layers.2.weight",                        # 320 x 2880
+                                 UNET + "output_blocks.9.1.proj_in.weight"])                          # 320 x 320
+def test_finetune_rotates_part_of_each_top_subspace(zoo, key):
+    base, tuned = zoo.weight("sd15_trained", key), zoo.weight("sd15_trained_finetune", key)
+    m, n = base.shape[0], math.prod(base.shape[1:])
+    promised = zoo.zoo.trained.finetune_overlap("sd15_trained_finetune", m, n)
+    assert 0.3 <= promised <= 0.9
+    r = min(m, n) // 4           # any r up to min(m, n) // 2 keeps the promise
+    s_base, u_base, v_base = _gram_svd(base, r)
+    s_tuned, u_tuned, v_tuned = _gram_svd(tuned, r)
+    assert _overlap(u_base, u_tuned, r) == pytest.approx(promised, abs=0.05)
+    assert _overlap(v_base, v_tuned, r) == pytest.approx(promised, abs=0.05)
+    assert_close(s_tuned, s_base, rtol=0.02, atol=1e-3 * float(s_base[0]))      # directions moved, not the spectrum
+
+
+def test_finetune_overlaps_spread_over_layers_and_leave_1d_tensors(zoo):
+    shapes = {(s[0], math.prod(s[1:])) for s in zoo.key_table("sd15_unet").values() if len(s) in (2, 4)}
+    overlaps = [zoo.zoo.trained.finetune_overlap("sd15_trained_finetune", m, n) for m, n in shapes]
+    assert min(overlaps) < 0.45 and max(overlaps) > 0.75 and all(0.3 <= o <= 0.9 for o in overlaps)
+    for key in (UNET + "middle_block.1.norm.weight", CLIP_L_SD15 + "text_model.final_layer_norm.bias"):
+        assert torch.equal(zoo.weight("sd15_trained_finetune", key), zoo.weight("sd15_trained", key))
+
+
+def test_trained_unets_of_sd15_and_sdxl_are_unrelated(zoo):
+    key = UNET + "input_blocks.1.0.in_layers.2.weight"        # same name and shape [320, 2880] in both
+    _, u15, v15 = _gram_svd(zoo.weight("sd15_trained", key), 80)
+    _, uxl, vxl = _gram_svd(zoo.weight("sdxl_trained", key), 80)
+    assert _overlap(u15, uxl, 80) == pytest.approx(80 / 320, abs=0.06)
+    assert _overlap(v15, vxl, 80) == pytest.approx(80 / 2880, abs=0.02)
+
+
+def test_trained_values_do_not_depend_on_what_was_computed_before(zoo):
+    key = UNET + "input_blocks.2.1.transformer_blocks.0.attn1.to_q.weight"
+    first = zoo.weight("sd15_trained_finetune", key)
+    zoo.zoo.trained._core.cache_clear()
+    zoo.zoo.trained._basis.cache_clear()
+    zoo.weight("sd15_trained", UNET + "input_blocks.1.0.in_layers.2.weight")
+    assert torch.equal(zoo.weight("sd15_trained_finetune", key), first)
+
+
+# ---------------------------------------------------------------- full size
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["sd15_trained", "sdxl_trained", "sd15_trained_finetune", "demo_sdxl_trained"])
+def test_full_size_trained_checkpoint_files(zoo, name):
+    path = zoo.checkpoint(name)
+    dtypes = zoo.checkpoint_dtypes(name)
+    with safe_open(str(path), "pt") as f:
+        assert set(f.keys()) == set(dtypes)
+        keys = list(dtypes)
+        probe = [k for k in keys if "transformer_blocks.0.attn2.to_k" in k][:2] + [keys[0], keys[-1]]
+        probe += [k for k in keys if k.endswith("layers.0.self_attn.k_proj.weight")]
+        for key in probe:
+            t = f.get_tensor(key)
+            assert t.dtype == dtypes[key] and torch.equal(t, zoo.weight(name, key)), key
+
+
+@pytest.mark.slow
+def test_full_size_sdxl_trained_clip_l_is_the_fp16_cast_of_sd15_trained_clip_l(zoo):
+    with safe_open(str(zoo.checkpoint("sd15_trained")), "pt") as sd15, \
+            safe_open(str(zoo.checkpoint("sdxl_trained")), "pt") as sdxl:
+        keys = [k[len(CLIP_L_SD15):] for k in sd15.keys() if k.startswith(CLIP_L_SD15)]
+        assert len(keys) == 196
+        for key in keys:
+            fp32, fp16 = sd15.get_tensor(CLIP_L_SD15 + key), sdxl.get_tensor(CLIP_L_SDXL + key)
+            assert fp32.dtype == torch.float32 and fp16.dtype == torch.float16
+            assert torch.equal(fp16, fp32.half()), key
+
+
+@pytest.mark.slow
+def test_demo_sdxl_trained_loads_in_comfyui_with_sdxl_trained_clip_l(comfy, zoo, comfy_logs):
+    with torch.inference_mode():
+        model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(str(zoo.checkpoint("demo_sdxl_trained")),
+                                                                    output_vae=True, output_clip=True)
+    assert type(model.model.model_config).__name__ == "SDXL" and vae is not None
+    assert type(clip.cond_stage_model).__name__ == "SDXLClipModel"
+    assert not [m for m in comfy_logs.messages() if "clip missing" in m]
+    l_key = "text_model.encoder.layers.10.self_attn.out_proj.weight"
+    loaded = clip.cond_stage_model.state_dict()["clip_l.transformer." + l_key]
+    assert torch.equal(loaded.half(), zoo.weight("sdxl_trained", CLIP_L_SDXL + l_key))
