@@ -10,8 +10,12 @@ from . import zoo
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lorax_zoo")
     sub = parser.add_subparsers(dest="command", required=True)
-    b = sub.add_parser("build", help="build zoo checkpoints into the cache")
-    b.add_argument("names", nargs="*", help=f"any of: {', '.join(zoo.CHECKPOINTS)} (default: all)")
+    models = "\n".join(f"  {name:<22} {spec.description}" for name, spec in zoo.SPECS.items())
+    b = sub.add_parser("build", help="build zoo checkpoints into the cache",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog=f"checkpoints (the *_trained ones have trained-looking spectra, METHOD.md §2b):\n"
+                              f"{models}")
+    b.add_argument("names", nargs="*", help="checkpoint names (default: all)")
     lo = sub.add_parser("lora", help="write a synthetic SD1.5 kohya LoRA")
     lo.add_argument("path")
     lo.add_argument("--rank", type=int, default=32)

@@ -4,12 +4,25 @@ Nothing here imports ComfyUI: layouts come from the committed tables (``lorax_zo
 ``make_tables.py``), values from a seeded generator, so a checkpoint is identical on every run and never
 needs downloading.
 
-Weights look like trained ones where the transfer method can tell: every 2-D / 4-D tensor (4-D read as
-``[m, c*kh*kw]``) is ``U diag(s) V^T`` with ``s_i ~ 1/(i+1)`` over ``K = min(m, n, 512)`` random orthonormal
-directions, plus an i.i.d. noise floor below ``s_K``; its entry std is 0.02-0.05. Values depend only on
-(seed namespace, key), so SDXL's CLIP-L is bit-identical to SD1.5's (as in the real models), while the two
-UNets are unrelated (SDXL was trained from scratch). A fine-tune is its base plus a rank-4 drift with
-``||drift||_F = 3% ||W||_F`` on every 2-D / 4-D weight; everything else is the base's.
+Two families of values:
+
+- The original models (``sd15``, ``sdxl``, their ``_finetune``s, ``tiny_*``, ``demo_sdxl``), fp16: every 2-D /
+  4-D tensor (4-D read as ``[m, c*kh*kw]``) is ``U diag(s) V^T`` with ``s_i ~ 1/(i+1)`` over
+  ``K = min(m, n, 512)`` random orthonormal directions, plus an i.i.d. noise floor below ``s_K``; its entry std
+  is 0.02-0.05. A fast ``1/i`` decay and a few hundred directions flatter approximate subspace methods:
+  real trained weights decay far slower. A fine-tune is its base plus a rank-4 drift with
+  ``||drift||_F = 3% ||W||_F`` on every 2-D / 4-D weight: nearly identical to it. SD1.5's and SDXL's CLIP-L
+  are the same fp16 tensors.
+- The ``*_trained`` models (:mod:`lorax_zoo.trained`) look trained where fast paths can go wrong
+  (METHOD.md §2b): all ``min(m, n)`` directions, a slow bulk ``(i+1)^-e`` (``e`` in 0.2-0.5 by layer shape)
+  under a decaying head, condition numbers ``s_1 / s_k`` log-uniform in 1e2-1e4 by weight. ``sd15_trained``
+  stores its CLIP-L fp32, as v1-5-pruned-emaonly does; ``sdxl_trained``'s is exactly its fp16 cast. Their
+  UNets are unrelated (SDXL was trained from scratch). ``sd15_trained_finetune`` rotates part of every
+  2-D / 4-D weight's top subspace (top-r overlap with the base 0.3-0.9 by layer shape, same spectrum), so
+  pairs of every similarity exist. Layer-level pairs for unit tests: :mod:`lorax_zoo.pairs`.
+
+Values depend only on (seed namespace, key), so models that share a part (e.g. a CLIP-L) hold the same
+values in it.
 """
 from __future__ import annotations
 
