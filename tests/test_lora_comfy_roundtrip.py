@@ -8,11 +8,12 @@ from __future__ import annotations
 import math
 import re
 
+import lora_factory as lf
 import pytest
 import torch
 
 from lorax_engine.files.lora import LoraLayer, LoraModel
-from lorax_engine.files.lora_formats import write_lora
+from lorax_engine.files.lora_formats import REFACTOR_ENERGY, read_lora, to_kohya_state_dict, write_lora
 from lorax_engine.files.safetensors_file import SafetensorsFile
 
 STRENGTH_MODEL, STRENGTH_CLIP = 0.7, 0.4
@@ -162,3 +163,74 @@ def test_sdxl_file_patches_unet_clip_l_and_clip_g(comfy, zoo, comfy_logs, sdxl_c
     w0 = _w0(zoo, "tiny_sdxl", unet_keys, lambda k: "model." + k)
     _check(unet, w0, lora, STRENGTH_MODEL, unet_dtype)
     _check(text, clip_w0, lora, STRENGTH_CLIP, text_dtype)
+
+
+# --- LyCORIS files: our reader against ComfyUI's own adapters ---------------------------------------------------
+
+# layers whose shapes in the zoo's tiny SD1.5 are the real SD1.5 ones (the factory builds real-size factors)
+LYCORIS_LINEAR = ["diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight",
+                  "diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight",
+                  "diffusion_model.input_blocks.1.1.transformer_blocks.0.ff.net.0.proj.weight",
+                  "clip_l.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight",
+                  "clip_l.transformer.text_model.encoder.layers.11.mlp.fc1.weight"]
+LYCORIS_CONV = ["diffusion_model.input_blocks.1.0.in_layers.2.weight",    # 3x3
+                "diffusion_model.input_blocks.1.1.proj_in.weight"]        # 1x1
+LYCORIS_FILES = {
+    "loha": lambda: lf.loha_state_dict("sd1", LYCORIS_LINEAR + LYCORIS_CONV, rank=4)[0],
+    "loha_tucker": lambda: lf.loha_state_dict("sd1", LYCORIS_CONV[:1], rank=3, tucker=True)[0],
+    "lokr_lowrank_w2": lambda: lf.lokr_state_dict("sd1", LYCORIS_LINEAR + LYCORIS_CONV, w2_lowrank=True)[0],
+    "lokr_full_w2": lambda: lf.lokr_state_dict("sd1", LYCORIS_LINEAR, w2_lowrank=False)[0],
+    "locon_mid_tucker": lambda: lf.locon_mid_state_dict("sd1", LYCORIS_CONV[0], rank=3)[0],
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_sd15(comfy, zoo):
+    with torch.inference_mode():
+        model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(str(zoo.checkpoint("tiny_sd15")),
+                                                                  output_vae=False, output_clip=True)
+    tiny = zoo.key_table("tiny_sd15_unet")
+    for key in LYCORIS_LINEAR + LYCORIS_CONV:
+        if key.startswith("diffusion_model."):
+            assert tuple(tiny[key[len("diffusion_model."):]]) == lf.model_shapes("sd1")[key], key
+    return model, clip
+
+
+def _patched_by_comfy(comfy, model, clip, lora_sd):
+    """ComfyUI's patched weights for every key a LoRA state dict patches, the same weights unpatched, and the
+    unit roundoff of each weight's dtype (ComfyUI rounds W0 + ΔW once into it)."""
+    with torch.inference_mode():
+        new_model, new_clip = comfy.sd.load_lora_for_models(model, clip, lora_sd, STRENGTH_MODEL, STRENGTH_CLIP)
+        out, w0, roundoff = {}, {}, {}
+        for patcher, new in ((model, new_model), (clip.patcher, new_clip.patcher)):
+            keys = sorted(new.patches)
+            if keys:
+                out.update(_patched(comfy, new, keys))
+                w0.update(_patched(comfy, patcher, keys))
+                state = patcher.model.state_dict()
+                roundoff.update({k: torch.finfo(state[k].dtype).eps / 2 for k in keys})
+    return out, w0, roundoff
+
+
+@pytest.mark.parametrize("kind", sorted(LYCORIS_FILES))
+def test_lycoris_file_read_by_us_patches_like_comfyui_reads_it(comfy, tiny_sd15, comfy_logs, tmp_path, kind):
+    """A LoHa / LoKr / LoCon-with-mid file: ComfyUI's adapters on the original tensors, and ComfyUI's plain LoRA
+    loader on what our reader makes of it (read_lora -> canonical -> to_kohya_state_dict), patch the same
+    weights by the same ΔW, up to the energy the re-factorisation may drop (REFACTOR_ENERGY) and the rounding of
+    both patched weights into the model's dtype (fp16 for the text encoder)."""
+    model, clip = tiny_sd15
+    path = lf.save(LYCORIS_FILES[kind](), tmp_path / f"{kind}.safetensors")
+    ours = to_kohya_state_dict(read_lora(path), "sd1", dtype=torch.float32)
+    comfy_logs.clear()
+    theirs, w0, roundoff = _patched_by_comfy(comfy, model, clip,
+                                             comfy.utils.load_torch_file(str(path), safe_load=True))
+    mine, _, _ = _patched_by_comfy(comfy, model, clip, ours)
+    assert comfy_logs.lora_keys_not_loaded() == []
+    assert sorted(mine) == sorted(theirs) and theirs
+    for key in theirs:
+        delta_theirs = (theirs[key] - w0[key]).double()
+        assert float(delta_theirs.norm()) > 1e-4, key
+        off = float((mine[key] - theirs[key]).double().norm())
+        allowed = (math.sqrt(1 - REFACTOR_ENERGY) * float(delta_theirs.norm())
+                   + 2 * roundoff[key] * float(theirs[key].double().norm()))
+        assert off <= allowed, f"{key}: our ΔW is {off:.3g} away from ComfyUI's (allowed {allowed:.3g})"
