@@ -115,19 +115,21 @@ def rotate_top_directions(u: torch.Tensor, v: torch.Tensor, rank: int, overlap: 
     rest = rank + torch.randperm(r - rank, generator=gen)[:moved]
     perm = torch.arange(r)
     perm[top], perm[rest] = rest, top
-    return _nudge(u[:, perm], gen), _nudge(v[:, perm], gen)
+    return _nudge(u, perm, gen), _nudge(v, perm, gen)
 
 
-def _nudge(basis: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    r = basis.shape[1]
+def _nudge(basis: torch.Tensor, perm: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """``basis[:, perm]`` with disjoint random pairs of columns rotated by small random angles."""
+    rows = basis.T.contiguous()[perm]            # columns as rows: gathers on a tall basis are 5x faster
+    r = rows.shape[0]
     order = torch.randperm(r, generator=gen)[:r - r % 2]
     a, b = order[0::2], order[1::2]
     theta = PERTURBATION * torch.randn(len(a), generator=gen, dtype=torch.float64).to(basis.dtype)
-    cos, sin = torch.cos(theta), torch.sin(theta)
-    out = basis.clone()
-    out[:, a] = basis[:, a] * cos + basis[:, b] * sin
-    out[:, b] = basis[:, b] * cos - basis[:, a] * sin
-    return out
+    cos, sin = torch.cos(theta).unsqueeze(1), torch.sin(theta).unsqueeze(1)
+    out = rows.clone()
+    out[a] = rows[a] * cos + rows[b] * sin
+    out[b] = rows[b] * cos - rows[a] * sin
+    return out.T
 
 
 def weight_pair(kind: str, m: int, n: int, *, exponent: float = 0.2, cond: float = 1e3, seed: int = 0,
