@@ -28,14 +28,22 @@ def transfer_summary(report) -> dict:
         verdict = "good"
     reasons = ", ".join(f"{n} {r}" for r, n in s["dropped_by_reason"].items()) or "none"
     lines = [
-        f"{verdict.upper()}: {s['applied']}/{s['source_layers']} layers applied",
+        f"{verdict.upper()}: {s['applied']}/{s['source_layers']} layers applied ({report.mode})",
         f"dropped: {reasons}",
-        f"energy kept {100 * s['energy_kept']:.0f}%",
+        f"energy kept {100 * s['energy_kept']:.0f}%, injected {100 * s['injected_energy']:.0f}%",
     ]
+    if s["identical_layers"]:
+        lines.append(f"{s['identical_layers']} layers on identical weights arrive whole")
     if median is not None:
         lines.append(f"median score {median:.2f} (0 = chance, 1 = same)")
+    if s["shared_target_blocks"]:
+        lines.append(f"{s['shared_target_blocks']} target blocks receive several source blocks")
+    if s["multi_target_layers"]:
+        lines.append(f"{s['multi_target_layers']} layers applied to several targets")
     return {"verdict": verdict, "lines": lines, "applied": s["applied"], "dropped": s["dropped"],
-            "source_layers": s["source_layers"], "energy_kept": s["energy_kept"], "median_score": median}
+            "source_layers": s["source_layers"], "energy_kept": s["energy_kept"],
+            "injected_energy": s["injected_energy"], "identical_layers": s["identical_layers"],
+            "shared_target_blocks": s["shared_target_blocks"], "median_score": median}
 
 
 def map_summary(rows: list[dict], threshold: float) -> dict:

@@ -15,10 +15,12 @@ from lorax_engine.projection.operators import (
     compress,
     embed_down,
     energy_fraction,
-    project_direct,
-    project_null,
+    pass_through,
+    passes_through,
+    project_sidewise,
     project_subspace,
     projected_energy,
+    side_weights,
 )
 
 
@@ -96,48 +98,64 @@ def test_cross_attention_down_is_embedded_into_the_clip_l_slot():
     assert torch.equal(embed_down(layer.down, nt)[:, ns:], torch.zeros(layer.rank, nt - ns))
 
 
-def test_subspace_plus_null_follows_the_prolora_split():
+def _sidewise64(d, src, tgt, w_u, w_v, ns=None):
+    """T_U ΔW T_V^T written out densely in float64 (METHOD §2), with the source V side embedded in the slot."""
+    m, nt = d.shape
+    ns = ns or nt
+    pus, put, pvt = _proj(src.u, m), _proj(tgt.u, m), _proj(tgt.v, nt)
+    pvs = torch.zeros(nt, nt, dtype=torch.float64)
+    pvs[:ns, :ns] = _proj(src.v, ns)
+    eye_m, eye_n = torch.eye(m, dtype=torch.float64), torch.eye(nt, dtype=torch.float64)
+    t_u = put @ pus + w_u * (eye_m - put) @ (eye_m - pus)
+    t_v = pvt @ pvs + w_v * (eye_n - pvt) @ (eye_n - pvs)
+    return t_u @ d @ t_v.T
+
+
+@pytest.mark.parametrize("w_u, w_v", [(0.0, 0.0), (1.0, 1.0), (0.3, 0.8)])
+def test_sidewise_operator_matches_the_dense_formula_and_keeps_rank_and_alpha(w_u, w_v):
     m, n, r = 72, 60, 18
     layer = _layer(m, n, k=5)
     src, tgt = _basis(m, n, r, seed=11), _basis(m, n, r, seed=21)
-    out = project_null(layer, src, tgt, (m, n))
-    d = _delta64(layer)
-    pus, pvs, put, pvt = _proj(src.u, m), _proj(src.v, n), _proj(tgt.u, m), _proj(tgt.v, n)
-    inside = pus @ d @ pvs
-    expected = put @ inside @ pvt + (torch.eye(m, dtype=torch.float64) - put) @ (d - inside) @ \
-        (torch.eye(n, dtype=torch.float64) - pvt)
-    torch.testing.assert_close(out.delta().double(), expected, rtol=1e-4, atol=1e-6)
-    assert out.rank <= 3 * layer.rank
-    assert out.scale == pytest.approx(1.0)
+    out = project_sidewise(layer, src, tgt, (m, n), w_u, w_v)
+    torch.testing.assert_close(out.delta().double(), _sidewise64(_delta64(layer), src, tgt, w_u, w_v),
+                               rtol=1e-4, atol=1e-6)
+    assert out.rank == layer.rank and out.alpha == layer.alpha
 
 
-def test_subspace_plus_null_with_equal_bases_keeps_the_block_diagonal_part():
+def test_sidewise_is_the_identity_on_equal_bases_with_w_one_and_eq3_on_in_subspace_updates():
     m, n, r = 50, 50, 10
-    layer = _layer(m, n, k=4)
     basis = _basis(m, n, r, seed=4)
-    out = project_null(layer, basis, basis, (m, n))
-    d, p = _delta64(layer), _proj(basis.u, m)
-    q = _proj(basis.v, n)
-    eye = torch.eye(m, dtype=torch.float64)
-    torch.testing.assert_close(out.delta().double(), p @ d @ q + (eye - p) @ d @ (eye - q), rtol=1e-4, atol=1e-6)
-    # the third block of factors vanishes here, and the exact re-compression drops it
-    assert out.rank == 2 * layer.rank
+    layer = _layer(m, n, k=4)
+    torch.testing.assert_close(project_sidewise(layer, basis, basis, (m, n), 1.0, 1.0).delta().double(),
+                               _delta64(layer), rtol=1e-4, atol=1e-6)
+    # a LoRA-X adapter lives in the source subspace: every w gives the paper's Eq. 3
+    inside = LoraLayer(basis.u @ (basis.u.T @ layer.up), (layer.down @ basis.v) @ basis.v.T, layer.alpha, (m, n))
+    tgt = _basis(m, n, r, seed=9)
+    eq3 = project_subspace(inside, tgt, (m, n)).delta().double()
+    for w in (0.0, 0.5, 1.0):
+        torch.testing.assert_close(project_sidewise(inside, basis, tgt, (m, n), w, w).delta().double(), eq3,
+                                   rtol=1e-4, atol=1e-6)
 
 
-def test_subspace_plus_null_embeds_the_source_basis_for_cross_attention():
+def test_sidewise_embeds_the_source_basis_for_cross_attention():
     m, ns, nt, r = 40, 16, 48, 8
     layer = _layer(m, ns, k=3)
     src, tgt = _basis(m, ns, r, seed=2), _basis(m, nt, r, seed=3)
-    out = project_null(layer, src, tgt, (m, nt))
+    out = project_sidewise(layer, src, tgt, (m, nt), 0.4, 0.7)
     d = torch.zeros(m, nt, dtype=torch.float64)
     d[:, :ns] = _delta64(layer)
-    pvs = torch.zeros(nt, nt, dtype=torch.float64)
-    pvs[:ns, :ns] = _proj(src.v, ns)
-    pus, put, pvt = _proj(src.u, m), _proj(tgt.u, m), _proj(tgt.v, nt)
-    inside = pus @ d @ pvs
-    expected = put @ inside @ pvt + (torch.eye(m, dtype=torch.float64) - put) @ (d - inside) @ \
-        (torch.eye(nt, dtype=torch.float64) - pvt)
-    torch.testing.assert_close(out.delta().double(), expected, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(out.delta().double(), _sidewise64(d, src, tgt, 0.4, 0.7, ns=ns), rtol=1e-4,
+                               atol=1e-6)
+
+
+def test_mode_weights_and_the_identity_axiom():
+    from lorax_engine.analysis.similarity import LayerSimilarity, SideScore
+
+    sim = LayerSimilarity(SideScore(0.6, 0.25, 0.47), SideScore(0.2, 0.25, -0.07))
+    assert side_weights("auto", sim) == (pytest.approx(0.47), 0.0)        # clamped to [0, 1]
+    assert side_weights("subspace+null", sim) == (1.0, 1.0)
+    assert passes_through("auto", True) and passes_through("subspace+null", True)
+    assert not passes_through("subspace", True) and not passes_through("auto", False)
 
 
 def test_compress_is_the_truncated_svd_of_delta():
@@ -167,7 +185,7 @@ def test_combine_sums_updates_with_strengths():
 
 def test_direct_copies_delta_and_reshapes_conv_1x1_to_linear():
     layer = _layer(32, 32, shape=(32, 32, 1, 1))
-    out = project_direct(layer, (32, 32))
+    out = pass_through(layer, (32, 32))
     assert out.weight_shape == (32, 32)
     torch.testing.assert_close(out.delta(), layer.delta())
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from lorax_engine.analysis.similarity import PairStore, layer_similarity, side_similarity
+from lorax_engine.analysis.similarity import LayerSimilarity, PairStore, layer_similarity, side_similarity
 from lorax_engine.analysis.subspaces import Basis, SubspaceSpec, compute_basis
 
 
@@ -15,14 +15,27 @@ def _orth(d, r, seed):
 
 
 def _reference(xs, xt, d):
-    """phi / chance / normalised written out with numpy, bases as arrays (never None here)."""
+    """phi / chance / normalised written out with numpy, bases as arrays (never None here).
+
+    Same widths: chance max(r_s, r_t) / d. A narrower source (METHOD §3) is normalised within its slot: chance is
+    the mean phi of random r_s-dim subspaces of the slot, estimated here by sampling, and the ceiling the best any
+    r_s-dim subspace of the slot reaches (its top singular directions of the target's slot rows)."""
     rs, rt = xs.shape[1], xt.shape[1]
     ds = xs.shape[0]
+    k = min(rs, rt)
     emb = np.zeros((d, rs))
     emb[:ds] = xs
-    phi = np.linalg.norm(emb.T @ xt) ** 2 / min(rs, rt)
-    chance = max(rs, rt) / d
-    return phi, chance, (phi - chance) / (1 - chance)
+    phi = np.linalg.norm(emb.T @ xt) ** 2 / k
+    if ds == d:
+        chance = max(rs, rt) / d
+        return phi, chance, (phi - chance) / (1 - chance)
+    slot = xt[:ds]
+    rng = np.random.default_rng(0)
+    chance = np.mean([np.linalg.norm(np.linalg.qr(rng.standard_normal((ds, rs)))[0].T @ slot) ** 2 / k
+                      for _ in range(400)])
+    top = np.linalg.svd(slot, compute_uv=False)[:rs]
+    ceiling = np.sum(top ** 2) / k
+    return phi, chance, (phi - chance) / (ceiling - chance)
 
 
 @pytest.mark.parametrize("d, rs, rt, ds", [(200, 40, 40, 200), (150, 30, 50, 150), (120, 24, 24, 48)])
@@ -35,9 +48,11 @@ def test_side_similarity_matches_the_formula(d, rs, rt, ds):
     got = side_similarity(torch.tensor(xs, dtype=torch.float32), torch.tensor(xt, dtype=torch.float32), ds, d)
     phi, chance, hat = _reference(xs, xt, d)
     assert got.phi == pytest.approx(phi, abs=1e-5)
-    assert got.chance == pytest.approx(chance)
-    assert got.normalised == pytest.approx(hat, abs=1e-5)
+    sampled = ds < d        # the slot's chance level is estimated by sampling in the reference
+    assert got.chance == pytest.approx(chance, rel=0.02 if sampled else 1e-6)
+    assert got.normalised == pytest.approx(hat, abs=0.02 if sampled else 1e-5)
     assert got.informative
+    assert (got.slot_share is not None) == sampled
 
 
 def test_identical_subspaces_score_one_and_random_ones_score_chance():
@@ -55,12 +70,50 @@ def test_full_dimensional_side_is_defined_as_one_and_flagged():
     x = torch.tensor(_orth(64, 16, 5), dtype=torch.float32)
     full = side_similarity(None, x, 64, 64)
     assert (full.phi, full.chance, full.normalised, full.informative) == (1.0, 1.0, 1.0, False)
-    # an identity source side inside a wider target (768 in 2048): the overlap of the slot, not chance 1
+    # an identity source side inside a wider target (768 in 2048) spans its whole slot: every candidate looks
+    # alike there, so the side is flagged and the slot share reported
     xt = torch.tensor(_orth(100, 20, 6), dtype=torch.float32)
     slot = side_similarity(None, xt, 40, 100)
-    phi, chance, hat = _reference(np.eye(40), xt.numpy().astype(np.float64), 100)
-    assert slot.phi == pytest.approx(phi, abs=1e-5) and slot.chance == pytest.approx(chance)
-    assert slot.normalised == pytest.approx(hat, abs=1e-5)
+    share = float(np.linalg.norm(xt.numpy()[:40].astype(np.float64)) ** 2 / 20)
+    assert not slot.informative and slot.slot_share == pytest.approx(share, rel=1e-5)
+
+
+def test_slot_scores_span_chance_to_one_whatever_the_slot_share():
+    """METHOD §3: a random source scores ~0 and a perfect one 1, however little of the target reads the slot
+    (the raw 2048-wide normalisation gave +0.27 to random sources and below 0 to perfect ones)."""
+    d, ds, r = 2048, 768, 320
+    for share in (0.1, 0.6):
+        # target input subspace: a `share` of each basis vector in the slot, the rest outside
+        inside = _orth(ds, r, 11) * np.sqrt(share)
+        outside = _orth(d - ds, r, 12) * np.sqrt(1 - share)
+        xt = torch.tensor(np.vstack([inside, outside]), dtype=torch.float32)
+        perfect = side_similarity(torch.tensor(_orth(ds, r, 11), dtype=torch.float32), xt, ds, d)
+        random = [side_similarity(torch.tensor(_orth(ds, r, s), dtype=torch.float32), xt, ds, d).normalised
+                  for s in range(20, 25)]
+        assert perfect.normalised == pytest.approx(1.0, abs=1e-4)
+        assert max(abs(x) for x in random) < 0.03
+        assert perfect.slot_share == pytest.approx(share, abs=1e-4)
+    # a target that does not read the slot at all cannot be scored there
+    xt = torch.tensor(np.vstack([np.zeros((ds, r)), _orth(d - ds, r, 13)]), dtype=torch.float32)
+    empty = side_similarity(torch.tensor(_orth(ds, r, 14), dtype=torch.float32), xt, ds, d)
+    assert (empty.normalised, empty.informative, empty.slot_share) == (0.0, False, 0.0)
+
+
+def test_identity_after_cast_is_read_from_the_values():
+    from lorax_engine.analysis.similarity import identical_after_cast
+
+    g = torch.Generator().manual_seed(3)
+    w32 = torch.randn(64, 48, generator=g) * 0.03
+    w16 = w32.half()
+    assert identical_after_cast(w32, w16)                      # SD1.5 fp32 CLIP-L vs SDXL's fp16 copy
+    assert identical_after_cast(w32, w16.float())              # ... after ComfyUI upcast the copy on a CPU
+    assert identical_after_cast(w32.bfloat16().float(), w32)   # bfloat16 storage
+    assert not identical_after_cast(w32, w32 + 1e-3)
+    assert not identical_after_cast(w32, (w32 * 1.01).half())
+    assert not identical_after_cast(w32, w32[:, :47])
+    tweaked = w32.clone()
+    tweaked[5, 5] += 1e-7                                       # both fp32, differing below fp16 resolution
+    assert identical_after_cast(tweaked, w32.half()) and not identical_after_cast(tweaked, w32 + 1e-4)
 
 
 def test_layer_score_is_the_smaller_side_and_cross_attention_is_embedded():
@@ -100,6 +153,10 @@ def test_pair_store_round_trips_through_disk_and_ignores_damage(tmp_path):
     store.flush()
     again = PairStore(tmp_path)
     assert again.get("sha256:a", "sha256:b", "spec") == sim
+    flagged = LayerSimilarity(sim.u, sim.v, identical=True, estimate=True)
+    again.put("sha256:a", "sha256:c", "spec", flagged)
+    again.flush()
+    assert PairStore(tmp_path).get("sha256:a", "sha256:c", "spec") == flagged
     assert again.get("sha256:a", "sha256:b", "other spec") is None
     [path] = list((tmp_path / "pairs").rglob("*.json"))
     path.write_text("{not json")

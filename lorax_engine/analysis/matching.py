@@ -17,9 +17,13 @@ up-projections ``ff.net.0.proj`` / ``mlp.fc1``). With no candidate a layer is dr
 
 Policies pick among the candidates by normalised similarity score (``score >= threshold`` passes):
 
-* ``best`` (default): the single highest-scoring candidate (ties: the target layer with the source's own
-  key, then model order), if it passes.
-* ``all-above-threshold``: every passing candidate, each at full strength.
+* ``best`` (default, block-level, METHOD §4): each source *unit* (a transformer block ``input_blocks.4.1.tb0``,
+  or the rest of a block: proj_in/out, a resnet, a text-encoder layer) goes whole to the single target unit of
+  its stage with the highest score over all its layers, weighted by the LoRA's energy per layer (equal weights
+  without a LoRA), so q, k, v, out and ff of one block stay together (q and k only make sense as a pair).
+  Ties: the target unit with the source's own name (identity layouts), then model order. Within the chosen unit
+  each layer is applied if its own score passes; a layer whose role the chosen unit lacks is dropped.
+* ``all-above-threshold``: every passing candidate, each at full strength (per layer).
 * ``spread``: every passing candidate, each at strength 1 / (number applied), so the total is the source's.
   (METHOD says "every block of the stage"; we let the threshold gate it like the other policies.)
 
@@ -55,7 +59,14 @@ DROP_NO_COUNTERPART = "no counterpart"
 DROP_BELOW_THRESHOLD = "below threshold"
 DROP_SHAPE = "shape"
 DROP_NOT_IN_SOURCE = "not in source model"
+DROP_UNUSED_BY_TARGET = "unused by target"
+DROP_NOT_IN_UNIT = "no counterpart in the chosen block"
 NOT_BEST = "another candidate scored higher"
+NOT_BEST_UNIT = "another block scored higher"
+# SDXL and its derivatives condition on the penultimate layer of both text encoders, so a LoRA's update of the
+# last layer has no effect there (SD1.5 reads CLIP-L's last layer): such layers are reported, not applied.
+SDXL_FAMILY = frozenset({"sdxl", "ssd1b", "vega"})
+UNUSED_TEXT_LAYERS = {"clip_l": 11, "clip_g": 31}
 
 _UNET = re.compile(r"^diffusion_model\.(?:(input_blocks|output_blocks)\.(\d+)\.(\d+)|middle_block\.(\d+))"
                    r"(?:\.(.+))?\.weight$")
@@ -71,6 +82,18 @@ class LayerRef:
     order: tuple
     depth: int | None
     role: str
+
+
+def unit_of(ref: LayerRef) -> str:
+    """The unit that ``best`` moves whole: a transformer block, or the rest of a block (METHOD §4)."""
+    return ref.block if ref.depth is None else f"{ref.block}.tb{ref.depth}"
+
+
+def unused_by_target(ref: LayerRef, target_architecture: str) -> bool:
+    """A text-encoder layer the target model never reads (its last layer, under SDXL's penultimate-layer use)."""
+    if target_architecture not in SDXL_FAMILY or ref.side not in UNUSED_TEXT_LAYERS:
+        return False
+    return ref.block == f"{ref.side}.layers.{UNUSED_TEXT_LAYERS[ref.side]}"
 
 
 def parse_key(key: str) -> LayerRef | None:
@@ -169,6 +192,9 @@ class TargetIndex:
             return Candidates(ref or LayerRef(source_key, "other", "other", (99,), None, source_key),
                               source_shape, "other", reason=DROP_NO_COUNTERPART)
         out = Candidates(ref, source_shape, stage_label(ref, source_shape))
+        if unused_by_target(ref, getattr(self.target, "architecture", "")):
+            out.reason = DROP_UNUSED_BY_TARGET
+            return out
         same_width = False
         w = width(ref, source_shape)
         for tref, tshape in self._by_role.get((ref.side, ref.role), []):
@@ -225,3 +251,31 @@ def select(source_key: str, scored: list[tuple[str, float]], policy: str, thresh
         return {best_key: 1.0}, reasons
     strength = 1.0 / len(passing) if (policy == "spread" and passing) else 1.0
     return {k: strength for k, _ in passing}, reasons
+
+
+def select_units(units: dict[str, list[tuple[float, dict[str, tuple[float, bool]]]]]
+                 ) -> dict[str, tuple[str | None, dict[str, float]]]:
+    """Block-level ``best`` (METHOD §4): the target unit each source unit goes to.
+
+    ``units``: source unit -> ``[(energy weight, {target key: (score, unscored)})]``, one entry per layer.
+    Returns source unit -> (chosen target unit or None, {target unit: block score}). The block score is the
+    weighted mean of the layers' scores (equal weights when they sum to 0); a target unit lacking one of the
+    layers' roles scores 0 for it. Unscored pairs (every candidate scores 1) carry no evidence and count only
+    when no layer of the unit has an informative pair. The caller applies the threshold per layer.
+    """
+    out = {}
+    for unit, layers in units.items():
+        used = [x for x in layers if any(not unscored for _, unscored in x[1].values())] or layers
+        total = sum(w for w, _ in used)
+        order: dict[str, tuple] = {}
+        sums: dict[str, float] = {}
+        for w, targets in used:
+            weight = w / total if total > 0 else 1.0 / len(used)
+            for t, (score, _) in targets.items():
+                tref = parse_key(t)
+                tunit = unit_of(tref)
+                order.setdefault(tunit, tref.order)
+                sums[tunit] = sums.get(tunit, 0.0) + weight * score
+        best = min(sums, key=lambda u: (-sums[u], u != unit, order[u])) if sums else None
+        out[unit] = (best, sums)
+    return out

@@ -18,14 +18,24 @@ projector is the identity (it loses nothing), so its normalised score is defined
 
 Different input widths (METHOD §3): a source V side of width ``d_s`` smaller than the target's ``d_t``
 (SD1.5 cross-attention k/v read 768, SDXL's 2048) is embedded into rows ``0 .. d_s-1`` (the CLIP-L slot)
-with zeros elsewhere, and compared in the target's space. Caveat: SD1.5 conditions on CLIP-L's last layer
-and SDXL on its penultimate one, so the slot matches in meaning only approximately.
+and normalised within the slot. With ``M`` the slot rows of the target basis (``X_t[:d_s]``), a random
+``r_s``-dim source subspace of the slot scores ``r_s ||M||^2 / (d_s k)`` (chance, ``k = min(r_s, r_t)``) and the
+best possible one ``(top-r_s energy of M) / k`` (ceiling), so ``phi^ = (phi - chance) / (ceiling - chance)``;
+the *slot share* ``||M||^2 / r_t`` says how much of the target's input subspace reads the slot at all. A
+target that does not read the slot (share 0) scores 0 there. Caveat: SD1.5 conditions on CLIP-L's last
+layer and SDXL on its penultimate one, so the slot matches in meaning only approximately.
+
+A pair is *unscored* when neither side is informative (rank >= both widths): every candidate would score 1,
+so the score says nothing and is flagged, never reported as "perfect". A pair is *identical* when the two
+weights are equal after casting both to the lower of their precisions (:func:`identical_after_cast`; SD1.5's
+fp32 CLIP-L vs SDXL's fp16 copy): both sides then score exactly 1 (METHOD §1's anchor). ``estimate`` marks
+scores computed from screening bases that are estimates (randomised sketches), not exact subspaces.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -40,48 +50,86 @@ class SideScore:
     chance: float
     normalised: float
     informative: bool = True
+    slot_share: float | None = None       # embedded sides only: share of the target subspace in the slot
 
 
 @dataclass(frozen=True)
 class LayerSimilarity:
     u: SideScore
     v: SideScore
+    identical: bool = False               # equal weights after casting to the lower precision
+    estimate: bool = False                # from screening bases that approximate the subspaces
 
     @property
     def score(self) -> float:
         return min(self.u.normalised, self.v.normalised)
 
+    @property
+    def unscored(self) -> bool:
+        """Neither side can tell candidates apart (rank >= both widths): the score is not evidence."""
+        return not (self.u.informative or self.v.informative)
+
     def as_list(self) -> list:
-        return [self.u.phi, self.u.chance, self.u.normalised, self.u.informative,
-                self.v.phi, self.v.chance, self.v.normalised, self.v.informative]
+        return [*_side_list(self.u), *_side_list(self.v), self.identical, self.estimate]
 
     @classmethod
     def from_list(cls, x) -> LayerSimilarity:
-        return cls(SideScore(float(x[0]), float(x[1]), float(x[2]), bool(x[3])),
-                   SideScore(float(x[4]), float(x[5]), float(x[6]), bool(x[7])))
+        return cls(_side(x[0:5]), _side(x[5:10]), bool(x[10]), bool(x[11]))
+
+
+def _side_list(side: SideScore) -> list:
+    return [side.phi, side.chance, side.normalised, side.informative, side.slot_share]
+
+
+def _side(x) -> SideScore:
+    return SideScore(float(x[0]), float(x[1]), float(x[2]), bool(x[3]), None if x[4] is None else float(x[4]))
 
 
 FULL_SIDE = SideScore(1.0, 1.0, 1.0, False)
+_EMPTY_SLOT = 1e-9        # a target basis with less than this in the source's slot does not read it
+
+
+def _slot_side(xs: torch.Tensor | None, xt: torch.Tensor | None, dim_s: int, dim_t: int) -> SideScore:
+    """phi, chance and phi^ of a source side embedded in the first ``dim_s`` coordinates (METHOD §3)."""
+    r_s = dim_s if xs is None else int(xs.shape[1])
+    r_t = dim_t if xt is None else int(xt.shape[1])
+    k = min(r_s, r_t)
+    slot = torch.eye(dim_t, dtype=torch.float64)[:dim_s] if xt is None else xt[:dim_s].double()
+    slot_energy = float(torch.sum(slot ** 2))
+    share = slot_energy / r_t
+    overlap = slot_energy if xs is None else float(torch.sum((xs.double().T @ slot) ** 2))
+    phi = min(max(overlap / k, 0.0), 1.0)
+    chance = r_s * slot_energy / (dim_s * k)
+    if r_s >= min(slot.shape):
+        ceiling = slot_energy / k
+    else:
+        ceiling = float(torch.sum(torch.linalg.svdvals(slot)[:r_s] ** 2)) / k
+    if slot_energy < _EMPTY_SLOT:
+        return SideScore(phi, chance, 0.0, False, share)
+    if ceiling - chance <= 1e-12:       # the source spans the whole slot: every candidate is alike
+        return SideScore(phi, chance, 1.0, False, share)
+    return SideScore(phi, chance, (phi - chance) / (ceiling - chance), True, share)
 
 
 def side_similarity(xs: torch.Tensor | None, xt: torch.Tensor | None, dim_s: int, dim_t: int) -> SideScore:
     """phi, chance and phi^ of one side. ``None`` stands for the identity (a basis of the whole space).
 
-    ``dim_s < dim_t`` embeds the source basis into the first ``dim_s`` coordinates of the target space.
-    The ``r x r`` product runs in the bases' dtype (see :meth:`Basis.to`); its squares sum in float64.
+    ``dim_s < dim_t`` embeds the source basis into the first ``dim_s`` coordinates of the target space and
+    normalises within that slot. The ``r x r`` product runs in the bases' dtype (see :meth:`Basis.to`); its
+    squares sum in float64.
     """
     if dim_s > dim_t:
         raise ValueError(f"source side is wider ({dim_s}) than the target side ({dim_t})")
+    if xs is not None and xt is not None and xs.device != xt.device:
+        xs = xs.to(xt.device)
+    if dim_s < dim_t:
+        return _slot_side(xs, xt, dim_s, dim_t)
     r_s = dim_s if xs is None else int(xs.shape[1])
     r_t = dim_t if xt is None else int(xt.shape[1])
     chance = max(r_s, r_t) / dim_t
     if chance >= 1.0:
         return FULL_SIDE
-    xt_slot = xt[:dim_s]                      # target coordinates inside the source's slot
-    if xs is None:
-        overlap = float(torch.sum(xt_slot.double() ** 2))
-    else:
-        overlap = float(torch.sum((xs.T @ xt_slot).double() ** 2))
+    overlap = float(torch.sum((xs.T @ xt).double() ** 2))
     phi = min(max(overlap / min(r_s, r_t), 0.0), 1.0)
     return SideScore(phi, chance, (phi - chance) / (1.0 - chance))
 
@@ -91,7 +139,39 @@ def layer_similarity(source: Basis, target: Basis) -> LayerSimilarity:
     (ms, ns), (mt, nt) = source.shape, target.shape
     if ms != mt:
         raise ValueError(f"output widths differ: {ms} vs {mt}")
-    return LayerSimilarity(side_similarity(source.u, target.u, ms, mt), side_similarity(source.v, target.v, ns, nt))
+    estimate = getattr(source, "estimate", False) or getattr(target, "estimate", False)
+    return LayerSimilarity(side_similarity(source.u, target.u, ms, mt), side_similarity(source.v, target.v, ns, nt),
+                           estimate=bool(estimate))
+
+
+def identical_similarity(sim: LayerSimilarity) -> LayerSimilarity:
+    """The similarity of identical weights: every informative side scores exactly 1 (METHOD §1's anchor)."""
+    perfect = lambda side: replace(side, phi=1.0, normalised=1.0) if side.informative else side  # noqa: E731
+    return LayerSimilarity(perfect(sim.u), perfect(sim.v), identical=True, estimate=False)
+
+
+def identical_after_cast(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two weights are equal after casting both to the lower of their precisions.
+
+    Storage dtypes are not reliable once a model is loaded (ComfyUI upcasts fp16 weights to fp32 on a CPU),
+    so precision is read from the values: they are compared in float16 or bfloat16 when either weight is exactly
+    representable there (SD1.5's fp32 CLIP-L against SDXL's fp16 copy of it), else as they are.
+    """
+    if a.shape != b.shape:
+        return False
+    if a.device != b.device:
+        b = b.to(a.device)
+    for dtype in (torch.float16, torch.bfloat16):
+        # a bfloat16 weight may also fit float16 exactly: the copy must round to it in one of them
+        if (_exact_in(a, dtype) or _exact_in(b, dtype)) and torch.equal(a.to(dtype), b.to(dtype)):
+            return True
+    return torch.equal(a.float(), b.float())
+
+
+def _exact_in(t: torch.Tensor, dtype: torch.dtype) -> bool:
+    if t.dtype == dtype:
+        return True
+    return torch.equal(t.to(dtype).to(t.dtype), t)
 
 
 def _checksum(pairs: dict) -> str:
@@ -107,7 +187,7 @@ class PairStore:
     atomically; an unreadable file is ignored (and replaced on the next write).
     """
 
-    VERSION = 1
+    VERSION = 2     # 2: slot-aware k/v scores, identical and estimate flags
 
     def __init__(self, directory: Path | None):
         self.directory = Path(directory) / "pairs" if directory is not None else None
@@ -165,4 +245,6 @@ def similarity_dict(sim: LayerSimilarity) -> dict:
     """Flat JSON-ready fields of a similarity, as the report shows them."""
     return {"phi_u": sim.u.phi, "phi_v": sim.v.phi, "chance_u": sim.u.chance, "chance_v": sim.v.chance,
             "score_u": sim.u.normalised, "score_v": sim.v.normalised,
-            "informative_u": sim.u.informative, "informative_v": sim.v.informative, "score": sim.score}
+            "informative_u": sim.u.informative, "informative_v": sim.v.informative, "score": sim.score,
+            "slot_share_v": sim.v.slot_share, "identical": sim.identical, "unscored": sim.unscored,
+            "estimate": sim.estimate}

@@ -1,40 +1,71 @@
-"""Projection of LoRA factors onto target subspaces (METHOD.md §2, §3), on the factors only.
+"""Transfer operators on LoRA factors (METHOD.md §2, §3): never an ``m x n`` matrix, rank and alpha kept.
 
-For ``ΔW = s B A`` (``B`` = up ``[m, k]``, ``A`` = down ``[k, n]``, ``s = alpha / k``) and a target basis
-``(U_t, V_t)``:
+For ``ΔW = s B A`` (``B`` = up ``[m, k]``, ``A`` = down ``[k, n]``, ``s = alpha / k``), source projectors
+``P_Us, P_Vs`` and target projectors ``P_Ut, P_Vt`` (top-r singular subspaces; a full side is the identity) and
+their complements ``P' = I - P``, each side gets the side-wise operator (METHOD §2, ours)::
 
-* ``subspace`` (default): ``B' = U_t (U_t^T B)``, ``A' = (A V_t) V_t^T``, alpha unchanged. Equals
-  ``P_Ut ΔW P_Vt`` exactly, keeps the rank, never forms an ``m x n`` matrix.
-* ``subspace+null`` (after ProLoRA, arXiv 2506.04244): ``ΔW_in = P_Us ΔW P_Vs`` goes through the target
-  projectors, the rest ``ΔW - ΔW_in`` through the complements ``(I - P_Ut) . (I - P_Vt)``. On factors
-  (``B1 = P_Us B``, ``A1 = A P_Vs``)::
+    T_U = P_Ut P_Us + w_U P_Ut' P_Us'        T_V = P_Vt P_Vs + w_V P_Vt' P_Vs'
+    B' = T_U B                               A' = A T_V^T
 
-      out = s [P_Ut B1 | (I-P_Ut) B | -(I-P_Ut) B1] [A1 P_Vt ; A (I-P_Vt) ; A1 (I-P_Vt)]
+On factors: ``B1 = P_Us B``, ``B0 = B - B1``, ``B' = P_Ut B1 + w_U (B0 - P_Ut B0)``, and likewise for ``A``.
 
-  rank <= 3k; it is re-compressed exactly (QR of both factors, SVD of the small core, singular values
-  below 1e-6 of the largest dropped), and truncated further when an output rank cap is set.
-* ``direct`` (baseline, labelled as such): ΔW copied unchanged where the target weight of the same name
-  has the same matrix shape, which is what a stock loader does with an SD1.5 LoRA on SDXL.
+Modes (:data:`MODES`):
 
-Inputs narrower than the target (cross-attention k/v, §3) are embedded first: ``A [k, 768]`` becomes
-``[A | 0]`` of width 2048 (the CLIP-L slot). Energy kept = ``||ΔW'||_F^2 / ||ΔW||_F^2``, from the factors.
+* ``auto`` (default): similarity-weighted, ``w = clamp(phi^, 0, 1)`` per side from the pair's normalised
+  scores. Equal to Eq. 3 on LoRA-X adapters (updates inside the source subspace) and near-chance pairs (w ~ 0),
+  the identity on identical layers (w = 1, equal projectors), continuous in between.
+* ``subspace``: the paper's Eq. 3, literally: ``B' = P_Ut B``, ``A' = A P_Vt`` (no source projector, no w).
+* ``subspace+null``: ``w_U = w_V = 1`` (after ProLoRA, arXiv 2506.04244): the update's part outside the source
+  subspace travels into the target's complement too.
+* ``direct`` (baseline, labelled as such): ΔW copied unchanged where the target weight of the same name has the
+  same matrix shape, which is what a stock loader does with an SD1.5 LoRA on SDXL.
+
+Identity axiom: where the target weight equals the source weight after casting both to the lower precision, the
+caller passes the layer through unchanged in ``auto`` and ``subspace+null`` (:func:`passes_through`): the
+operators would give the same up to rounding, the pass-through gives it exactly.
+
+Inputs narrower than the target (cross-attention k/v, §3) are embedded first: ``A [k, 768]`` becomes ``[A | 0]``
+of width 2048 (the CLIP-L slot), and the source V basis likewise. Energy kept = ``||ΔW'||_F^2 / ||ΔW||_F^2``,
+from ``k x k`` products of the factors.
 """
 from __future__ import annotations
 
 import torch
 
+from ..analysis.similarity import LayerSimilarity
 from ..analysis.subspaces import Basis
 from ..errors import TransferOptionError
 from ..files.lora import LoraLayer
 
-MODES = ("subspace", "subspace+null", "direct")
-DEFAULT_MODE = "subspace"
-NULL_RTOL = 1e-6
+MODES = ("auto", "subspace", "subspace+null", "direct")
+DEFAULT_MODE = "auto"
+SIDEWISE_MODES = frozenset({"auto", "subspace+null"})   # the modes that use the source subspaces too
+MODE_HELP = {
+    "auto": "similarity-weighted (default): the paper's Eq. 3 on near-chance pairs, the identity on identical "
+            "layers, continuous in between",
+    "subspace": "the paper's Eq. 3 literally: only the part inside the target's subspaces survives",
+    "subspace+null": "side-wise with w = 1: the part outside the source subspace travels into the target's "
+                     "complement too",
+    "direct": "baseline: copied unchanged where the shapes agree (what a stock loader does), no projection",
+}
 
 
 def check_mode(mode: str):
     if mode not in MODES:
         raise TransferOptionError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+
+
+def side_weights(mode: str, sim: LayerSimilarity) -> tuple[float, float]:
+    """``(w_U, w_V)`` of the side-wise operator for ``mode`` and the pair's similarity."""
+    if mode == "subspace+null":
+        return 1.0, 1.0
+    clamp = lambda x: min(max(float(x), 0.0), 1.0)  # noqa: E731
+    return clamp(sim.u.normalised), clamp(sim.v.normalised)
+
+
+def passes_through(mode: str, identical: bool) -> bool:
+    """Identity axiom (METHOD §2): identical weights keep the update whole in the side-wise modes."""
+    return identical and mode in SIDEWISE_MODES
 
 
 def embed_down(down: torch.Tensor, width: int) -> torch.Tensor:
@@ -52,13 +83,20 @@ def _factors(layer: LoraLayer, width: int) -> tuple[torch.Tensor, torch.Tensor]:
     return up, embed_down(layer.down.float().reshape(layer.down.shape[0], -1), width)
 
 
+def _with(basis_side: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
+    """A basis placed with the factors: bases may live on the CPU (the cache) while the LoRA is on the GPU."""
+    return None if basis_side is None else basis_side.to(device=x.device, dtype=x.dtype)
+
+
 def _left(u: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
     """P_U x (identity for a full side)."""
+    u = _with(u, x)
     return x if u is None else u @ (u.T @ x)
 
 
 def _right(x: torch.Tensor, v: torch.Tensor | None) -> torch.Tensor:
     """x P_V."""
+    v = _with(v, x)
     return x if v is None else (x @ v) @ v.T
 
 
@@ -79,41 +117,38 @@ def energy_fraction(original: LoraLayer, result: LoraLayer) -> float:
 def projected_energy(layer: LoraLayer, basis: Basis) -> float:
     """Fraction of ``||ΔW||^2`` that ``subspace`` projection onto ``basis`` keeps, from k x k products only."""
     up, down = _factors(layer, basis.shape[1])
-    x = up if basis.u is None else basis.u.T @ up          # [r, k]
-    y = down if basis.v is None else down @ basis.v        # [k, r]
+    u, v = _with(basis.u, up), _with(basis.v, down)
+    x = up if u is None else u.T @ up          # [r, k]
+    y = down if v is None else down @ v        # [k, r]
     kept = float(torch.sum((x.T @ x).double() * (y @ y.T).double()))
     total = float(torch.sum((up.T @ up).double() * (down @ down.T).double()))
     return kept / total if total > 0 else 0.0
 
 
 def project_subspace(layer: LoraLayer, target: Basis, target_shape) -> LoraLayer:
-    """``P_Ut ΔW P_Vt`` as factors of the same rank and alpha."""
+    """The paper's Eq. 3: ``P_Ut ΔW P_Vt`` as factors of the same rank and alpha."""
     up, down = _factors(layer, target.shape[1])
     return LoraLayer(_left(target.u, up), _right(down, target.v), layer.alpha, tuple(target_shape))
 
 
-def _complement_left(u, x):
-    return x - _left(u, x)
-
-
-def _complement_right(x, v):
-    return x - _right(x, v)
-
-
-def project_null(layer: LoraLayer, source: Basis, target: Basis, target_shape) -> LoraLayer:
-    """``P_Ut ΔW_in P_Vt + (I-P_Ut)(ΔW - ΔW_in)(I-P_Vt)`` with ``ΔW_in = P_Us ΔW P_Vs``, re-compressed."""
+def project_sidewise(layer: LoraLayer, source: Basis, target: Basis, target_shape, w_u: float,
+                     w_v: float) -> LoraLayer:
+    """``T_U ΔW T_V^T`` (module docstring) as factors of the same rank and alpha."""
     width = target.shape[1]
     up, down = _factors(layer, width)
     b1 = _left(source.u, up)
     a1 = _right(down, _embedded_v(source, width))
-    ups = [_left(target.u, b1), _complement_left(target.u, up), -_complement_left(target.u, b1)]
-    downs = [_right(a1, target.v), _complement_right(down, target.v), _complement_right(a1, target.v)]
-    combined = LoraLayer(layer.scale * torch.cat(ups, dim=1), torch.cat(downs, dim=0), 3 * layer.rank,
-                         tuple(target_shape))
-    return compress(combined, rtol=NULL_RTOL)[0]
+    new_up, new_down = _left(target.u, b1), _right(a1, target.v)
+    if w_u:
+        b0 = up - b1
+        new_up = new_up + w_u * (b0 - _left(target.u, b0))
+    if w_v:
+        a0 = down - a1
+        new_down = new_down + w_v * (a0 - _right(a0, target.v))
+    return LoraLayer(new_up, new_down, layer.alpha, tuple(target_shape))
 
 
-def project_direct(layer: LoraLayer, target_shape) -> LoraLayer:
+def pass_through(layer: LoraLayer, target_shape) -> LoraLayer:
     """The same ΔW, reshaped to the target weight (a 1x1 conv and a linear layer share the matrix)."""
     return LoraLayer(layer.up.float().reshape(layer.up.shape[0], -1),
                      layer.down.float().reshape(layer.down.shape[0], -1), layer.alpha, tuple(target_shape))

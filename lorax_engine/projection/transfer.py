@@ -33,15 +33,27 @@ from ..analysis.matching import (
     DEFAULT_THRESHOLD,
     DROP_BELOW_THRESHOLD,
     DROP_NOT_IN_SOURCE,
+    DROP_NOT_IN_UNIT,
+    DROP_UNUSED_BY_TARGET,
     KNOWN_ROLES,
+    NOT_BEST_UNIT,
     Candidates,
     LayerRef,
     TargetIndex,
     check_policy,
     parse_key,
     select,
+    select_units,
+    unit_of,
 )
-from ..analysis.similarity import LayerSimilarity, PairStore, layer_similarity, similarity_dict
+from ..analysis.similarity import (
+    LayerSimilarity,
+    PairStore,
+    identical_after_cast,
+    identical_similarity,
+    layer_similarity,
+    similarity_dict,
+)
 from ..analysis.subspaces import (
     ALGORITHM_VERSION,
     DEFAULT_RANK,
@@ -54,20 +66,28 @@ from ..analysis.subspaces import (
 from ..errors import IncompatibleLoraError, LoraXError, TransferOptionError
 from ..files.base_weights import tensor_fingerprint
 from ..files.lora import LoraLayer, LoraModel
-from ..reports.report import CandidateRecord, LayerRecord, Report, TargetRecord
+from ..reports.report import IDENTITY_OPERATOR, CandidateRecord, LayerRecord, Report, TargetRecord
 from .operators import (
     DEFAULT_MODE,
     check_mode,
     combine,
     compress,
     energy_fraction,
-    project_direct,
-    project_null,
+    pass_through,
+    passes_through,
+    project_sidewise,
     project_subspace,
     projected_energy,
+    side_weights,
 )
 
 TRANSFER_METHODS = ("fast", "exact")
+# a screening score above this on equal shapes is checked for identity on the values (METHOD §2's axiom): low,
+# because screening estimates of a weight and its fp16 copy can differ where the spectrum is flat (0.95 measured on
+# an i^-0.2 spectrum), while unrelated weights score ~0 and a value check costs one read of each weight
+IDENTITY_CHECK_SCORE = 0.5
+# an applied pair whose exact score is further than this from its screening estimate is noted in the report
+ESTIMATE_TOLERANCE = 0.01
 
 Progress = Callable[[int, int], None] | None
 ShouldStop = Callable[[], bool] | None
@@ -85,7 +105,7 @@ class TransferOptions:
     method: str = "fast"                 # "fast": randomised bases to score, Gram to project; "exact"
     threshold: float = DEFAULT_THRESHOLD  # on the normalised score; -inf applies every candidate
     policy: str = DEFAULT_POLICY         # "best" | "all-above-threshold" | "spread"
-    mode: str = DEFAULT_MODE             # "subspace" | "subspace+null" | "direct" (baseline)
+    mode: str = DEFAULT_MODE             # "auto" | "subspace" | "subspace+null" | "direct" (baseline)
     output_rank: int | None = None       # cap: truncated SVD of each output layer on its factors
     device: str = "cpu"                  # where bases are computed ("cuda" when available)
     oversample: int = 96                 # randomised bases: extra sketch columns
@@ -281,11 +301,12 @@ def _score(smap: SubspaceMap, keys: list[str], lora: LoraModel | None, progress:
         total += len(sources_needed) + len(by_target)
 
     tick = _ticker(progress, should_stop, total, offset, offset + total + extra_total)
+    maybe_identical: list[tuple[str, str]] = []
     for sources_needed, need_pair, by_target in plans:
-        src_bases, src_screen = {}, {}
+        src_screen = {}
         with closing(cache.get_many(source, sources_needed, spec, smap.options.device)) as fetched:
             for s, basis_s in fetched:
-                src_bases[s], src_screen[s] = basis_s, basis_s.to(product_dtype)
+                src_screen[s] = basis_s.to(product_dtype)
                 tick()
         order = sorted(by_target, key=lambda k: parse_key(k).order)
         with closing(cache.get_many(target, order, spec, smap.options.device)) as fetched:
@@ -296,16 +317,25 @@ def _score(smap: SubspaceMap, keys: list[str], lora: LoraModel | None, progress:
                     entry = smap.entries[s]
                     if s in need_pair.get(t, ()):
                         fp_s = source.fingerprint(s)
-                        # identical weights: float32 products, so the score is 1 to rounding (METHOD's anchor)
-                        sim = (layer_similarity(src_bases[s], basis_t) if fp_s == fp_t
-                               else layer_similarity(src_screen[s], screen_t))
+                        sim = layer_similarity(src_screen[s], screen_t)
+                        if fp_s == fp_t:
+                            sim = identical_similarity(sim)       # the same bytes: METHOD §1's anchor
+                        elif sim.score >= IDENTITY_CHECK_SCORE and source.shape(s) == target.shape(t):
+                            maybe_identical.append((s, t))        # equal after a cast? checked below
                         entry.similarities[t] = sim
                         store.put(fp_s, fp_t, spec_id, sim)
                     if lora is not None and t not in entry.energies:
                         entry.energies[t] = projected_energy(lora.layers[s], basis_t)
                 del basis_t, screen_t
                 tick()
-        del src_bases, src_screen
+        del src_screen
+    # identity across storage precisions (SD1.5's fp32 CLIP-L vs SDXL's fp16 copy): compared on values, only for
+    # pairs that already score near 1, after the basis threads are done with the weight providers
+    for s, t in maybe_identical:
+        if identical_after_cast(source.matrix(s), target.matrix(t)):
+            sim = identical_similarity(smap.entries[s].similarities[t])
+            smap.entries[s].similarities[t] = sim
+            store.put(source.fingerprint(s), target.fingerprint(t), spec_id, sim)
     store.flush()
     for provider in (source, target):
         flush = getattr(provider, "flush", None)
@@ -362,12 +392,72 @@ _STALE_METADATA = ("ss_base_model_version", "ss_network_dim", "ss_network_alpha"
                    "ss_network_args", "modelspec.", "lorax.")
 
 
+def _choose(smap: SubspaceMap, opts: TransferOptions, lora: LoraModel, keys: list[str]
+            ) -> dict[str, tuple[dict[str, float], dict[str, str]]]:
+    """{source key: ({chosen target: strength}, {other target: reason})} for every layer with candidates."""
+    out = {}
+    live = [k for k in keys if not smap.entries[k].candidates.reason and _fits(lora.layers[k],
+                                                                                 smap.entries[k].candidates.source_shape)]
+    if opts.mode == "direct":
+        return {k: ({smap.entries[k].candidates.targets[0][0]: 1.0}, {}) for k in live}
+    if opts.policy != "best":
+        for k in live:
+            entry = smap.entries[k]
+            out[k] = select(k, [(t, entry.similarities[t].score) for t, _ in entry.candidates.targets],
+                            opts.policy, opts.threshold)
+        return out
+    units: dict[str, list] = {}
+    for k in live:
+        entry = smap.entries[k]
+        sims = {t: (entry.similarities[t].score, entry.similarities[t].unscored) for t, _ in entry.candidates.targets}
+        units.setdefault(unit_of(entry.candidates.source), []).append((lora.layers[k].energy(), sims))
+    chosen_units = select_units(units)
+    for k in live:
+        entry = smap.entries[k]
+        best_unit, _ = chosen_units[unit_of(entry.candidates.source)]
+        chosen, reasons = {}, {}
+        for t, _ in entry.candidates.targets:
+            score = entry.similarities[t].score
+            if unit_of(parse_key(t)) != best_unit:
+                reasons[t] = NOT_BEST_UNIT
+            elif score < opts.threshold:
+                reasons[t] = DROP_BELOW_THRESHOLD
+            else:
+                chosen[t] = 1.0
+        out[k] = (chosen, reasons)
+    return out
+
+
+def _shared_blocks(assignments: dict[str, list[tuple[str, float]]]) -> dict[str, list[str]]:
+    """{target unit: source units} for every target unit that receives several source units (updates add)."""
+    landed: dict[str, set[str]] = {}
+    for t, parts in assignments.items():
+        for s, _ in parts:
+            landed.setdefault(unit_of(parse_key(t)), set()).add(unit_of(parse_key(s)))
+    return {tunit: sorted(srcs) for tunit, srcs in sorted(landed.items()) if len(srcs) > 1}
+
+
+def _project_pair(layer: LoraLayer, mode: str, sim: LayerSimilarity | None, source_basis, target_basis,
+                  shape) -> tuple[LoraLayer, str, float | None, float | None]:
+    """One source layer on one target weight: (projected layer, operator used, w_U, w_V)."""
+    if mode == "direct":
+        return pass_through(layer, shape), "direct", None, None
+    if passes_through(mode, sim.identical):
+        return pass_through(layer, shape), IDENTITY_OPERATOR, 1.0, 1.0
+    if mode == "subspace":
+        return project_subspace(layer, target_basis, shape), "subspace", None, None
+    w_u, w_v = side_weights(mode, sim)
+    return project_sidewise(layer, source_basis, target_basis, shape, w_u, w_v), mode, w_u, w_v
+
+
 def project(lora: LoraModel, subspace_map: SubspaceMap, options: TransferOptions | None = None, *,
             progress: Progress = None, should_stop: ShouldStop = None, _offset: int = 0) -> tuple[LoraModel, Report]:
     """Select targets (policy, threshold) and project ``lora`` through ``subspace_map``.
 
     ``options`` may change policy, threshold, mode and output rank; rank, method and device are the map's.
-    Layers of the LoRA the map has not scored yet are scored now.
+    Layers of the LoRA the map has not scored yet are scored now. Every applied pair is scored again on the
+    projection bases (exact, or float32-Gram within METHOD §2b's bounds): that score is the one reported and the
+    one ``auto`` weights with; a screening estimate that was off by more than :data:`ESTIMATE_TOLERANCE` is noted.
     """
     smap = subspace_map
     opts = smap.options if options is None else replace(
@@ -389,6 +479,7 @@ def project(lora: LoraModel, subspace_map: SubspaceMap, options: TransferOptions
             _score(smap, rescore, None, None, should_stop)
 
     keys = sorted(lora.layers, key=lambda k: (smap.entries[k].candidates.source.order, k))
+    decisions = _choose(smap, opts, lora, keys)
     records: dict[str, LayerRecord] = {}
     cand_records: dict[tuple[str, str], CandidateRecord] = {}
     assignments: dict[str, list[tuple[str, float]]] = {}
@@ -398,21 +489,18 @@ def project(lora: LoraModel, subspace_map: SubspaceMap, options: TransferOptions
         rec = LayerRecord(key, cands.stage, cands.source.block, cands.source.role, list(layer.weight_shape),
                           layer.rank, layer.energy())
         records[key] = rec
-        if cands.reason or not _fits(layer, cands.source_shape):
+        if key not in decisions:
             # a map scored without this LoRA knows the source's shapes, not the LoRA's
             rec.reason = cands.reason or DROP_NOT_IN_SOURCE
             continue
-        if opts.mode == "direct":
-            chosen, reasons = {cands.targets[0][0]: 1.0}, {}
-        else:
-            scored = [(t, entry.similarities[t].score) for t, _ in cands.targets]
-            chosen, reasons = select(key, scored, opts.policy, opts.threshold)
+        chosen, reasons = decisions[key]
         lfp = entry.energy_layer
         known = entry.energies if lfp is not None and lfp == layer_fingerprint(layer) else {}
         for t, compat in cands.targets:
             sim = entry.similarities.get(t)
             c = CandidateRecord(t, compat, similarity_dict(sim) if sim else None, known.get(t),
-                                t in chosen, chosen.get(t, 0.0), reasons.get(t))
+                                t in chosen, chosen.get(t, 0.0), reasons.get(t),
+                                energy_from_screening=t in known)
             rec.candidates.append(c)
             cand_records[(key, t)] = c
         if chosen:
@@ -420,7 +508,8 @@ def project(lora: LoraModel, subspace_map: SubspaceMap, options: TransferOptions
             for t, strength in chosen.items():
                 assignments.setdefault(t, []).append((key, strength))
         else:
-            rec.reason = DROP_BELOW_THRESHOLD
+            rec.reason = (DROP_NOT_IN_UNIT if reasons and all(r == NOT_BEST_UNIT for r in reasons.values())
+                          else DROP_BELOW_THRESHOLD)
 
     _check_fits(lora, source, [r.reason for r in records.values()])
     proj_spec = opts.projection_spec()
@@ -430,31 +519,40 @@ def project(lora: LoraModel, subspace_map: SubspaceMap, options: TransferOptions
     order = sorted(assignments, key=lambda k: (parse_key(k).order, k))
     bases = (cache.get_many(target, order, proj_spec, opts.device) if opts.mode != "direct"
              else ((t, None) for t in order))
+    off_estimates = 0
     with closing(bases):
         for t, basis_t in bases:
             shape = tuple(target.shape(t))
             parts = []
             for s, strength in assignments[t]:
-                layer = lora.layers[s]
-                if opts.mode == "direct":
-                    out = project_direct(layer, shape)
-                elif opts.mode == "subspace":
-                    out = project_subspace(layer, basis_t, shape)
-                else:
-                    out = project_null(layer, cache.get(source, s, proj_spec, opts.device), basis_t, shape)
-                cand_records[(s, t)].energy_kept = energy_fraction(layer, out)
+                layer, c = lora.layers[s], cand_records[(s, t)]
+                sim, basis_s = smap.entries[s].similarities.get(t), None
+                if opts.mode != "direct" and not sim.identical:
+                    basis_s = cache.get(source, s, proj_spec, opts.device)
+                    exact = layer_similarity(basis_s, basis_t)
+                    if sim.estimate and abs(exact.score - sim.score) > ESTIMATE_TOLERANCE:
+                        off_estimates += 1
+                        c.estimate_error = exact.score - sim.score
+                    sim = exact
+                    c.similarity = similarity_dict(sim)
+                out, c.operator, c.w_u, c.w_v = _project_pair(layer, opts.mode, sim, basis_s, basis_t, shape)
+                c.energy_kept, c.energy_from_screening = energy_fraction(layer, out), False
                 parts.append((out, strength))
             combined = combine(parts, shape)
             cap_kept = 1.0
             if opts.output_rank is not None and combined.rank > opts.output_rank:
                 combined, cap_kept = compress(combined, max_rank=opts.output_rank)
             out_layers[t] = combined
-            targets.append(TargetRecord(t, combined.rank, [s for s, _ in assignments[t]], cap_kept))
+            targets.append(TargetRecord(t, combined.rank, [s for s, _ in assignments[t]], cap_kept,
+                                        combined.energy()))
             tick()
 
     for rec in records.values():
-        applied = [c.energy_kept for c in rec.candidates if c.applied and c.energy_kept is not None]
-        rec.energy_kept = sum(applied) / len(applied) if applied else 0.0
+        applied = [c for c in rec.candidates if c.applied]
+        kept = [c.energy_kept for c in applied if c.energy_kept is not None]
+        rec.energy_kept = sum(kept) / len(kept) if kept else 0.0
+        rec.targets_received = len(applied)
+        rec.total_strength = sum(c.strength for c in applied)
 
     seconds = {"similarity": round(smap.seconds, 3), "projection": round(time.perf_counter() - t0, 3)}
     cache_stats = {"similarity": smap.cache_stats, "projection": _stats_delta(before, cache.stats)}
@@ -464,6 +562,15 @@ def project(lora: LoraModel, subspace_map: SubspaceMap, options: TransferOptions
     if any(c.compat == "embed" and c.applied for r in report.layers for c in r.candidates):
         report.notes.append("note: cross-attention k/v were embedded into the CLIP-L slot of the wider context "
                             "(METHOD §3); SD1.5 conditions on CLIP-L's last layer, SDXL on its penultimate one.")
+    if any(r.reason == DROP_UNUSED_BY_TARGET for r in report.layers):
+        report.notes.append("note: layers of the text encoders' last layer are not applied: the target conditions "
+                            "on the penultimate layer, so they would have no effect (METHOD §3).")
+    report.shared_blocks = _shared_blocks(assignments)
+    report.notes.extend(f"note: {len(srcs)} source blocks land on target block {tunit} and their updates add: "
+                        f"{', '.join(srcs)}" for tunit, srcs in report.shared_blocks.items())
+    if off_estimates:
+        report.notes.append(f"note: {off_estimates} applied pair(s) scored more than {ESTIMATE_TOLERANCE} away from "
+                            "their screening estimate; the choice among candidates may differ from --exact.")
     if opts.mode == "direct":
         report.notes.append("note: direct mode is the baseline a stock loader applies; it does not project.")
 

@@ -7,13 +7,23 @@ the reason not). ``energy_kept`` of a candidate is the fraction of ``||ΔW||_F^2
 when that basis was computed in the same run, and None when the similarity came from the cache (reading
 every candidate's basis back only for this would make a warm run ~10x slower). A layer's energy kept is
 the mean over the targets it was applied to (0 when dropped); the summary's is the ΔW-energy-weighted
-mean over all source layers.
+mean over all source layers. ``energy_from_screening`` marks energies computed on screening bases (estimates
+where those bases are), and a similarity's ``estimate`` flag marks scores from such bases; applied pairs are
+always scored again on the projection bases.
+
+Per applied candidate the report gives the ``operator`` used (``auto``, ``subspace``, ``subspace+null``,
+``identity (identical weights)``, ``direct``) and the side weights ``w_u`` / ``w_v`` of the side-wise operator
+(METHOD §2); per source layer how many targets received it and with what total strength; per target the energy
+injected (``||ΔW'||_F^2`` after combining and strengths), summed in the summary's ``injected_energy`` relative
+to the LoRA's own energy (above 1 when one source block lands on several targets).
 """
 from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+IDENTITY_OPERATOR = "identity (identical weights)"
 
 
 @dataclass
@@ -25,6 +35,11 @@ class CandidateRecord:
     applied: bool = False
     strength: float = 0.0
     reason: str | None = None
+    energy_from_screening: bool = False   # energy_kept computed on screening bases, not the projection's
+    operator: str | None = None           # applied: the transfer operator used
+    w_u: float | None = None              # applied side-wise: the complement weights (METHOD §2)
+    w_v: float | None = None
+    estimate_error: float | None = None   # applied: exact score minus screening estimate, when it was > 0.01
 
 
 @dataclass
@@ -40,6 +55,8 @@ class LayerRecord:
     applied: bool = False
     reason: str | None = None        # why nothing was applied
     energy_kept: float = 0.0
+    targets_received: int = 0        # how many target weights received this layer
+    total_strength: float = 0.0      # the sum of the strengths it was applied with
 
     @property
     def best(self) -> CandidateRecord | None:
@@ -55,6 +72,7 @@ class TargetRecord:
     rank: int
     sources: list[str]
     cap_energy_kept: float = 1.0     # fraction kept by the output rank cap (1.0: no cap applied)
+    energy: float = 0.0              # ||ΔW'||_F^2 written to this weight (all sources, strengths applied)
 
 
 @dataclass
@@ -70,6 +88,7 @@ class Report:
     seconds: dict[str, float] = field(default_factory=dict)
     cache: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    shared_blocks: dict[str, list[str]] = field(default_factory=dict)   # target block -> several source blocks
     provenance: dict[str, str] = field(default_factory=dict)   # files read, hashes (files/provenance.py)
 
     # -- summary ----------------------------------------------------------------------------------
@@ -80,6 +99,7 @@ class Report:
                 dropped[layer.reason or "unknown"] = dropped.get(layer.reason or "unknown", 0) + 1
         total = sum(layer.energy for layer in self.layers)
         kept = sum(layer.energy * layer.energy_kept for layer in self.layers)
+        applied = [c for layer in self.layers for c in layer.candidates if c.applied]
         return {
             "source_layers": len(self.layers),
             "applied": sum(layer.applied for layer in self.layers),
@@ -87,6 +107,10 @@ class Report:
             "dropped_by_reason": dict(sorted(dropped.items())),
             "target_layers_written": len(self.targets),
             "energy_kept": kept / total if total > 0 else 0.0,
+            "injected_energy": sum(t.energy for t in self.targets) / total if total > 0 else 0.0,
+            "identical_layers": sum(c.operator == IDENTITY_OPERATOR for c in applied),
+            "multi_target_layers": sum(layer.targets_received > 1 for layer in self.layers),
+            "shared_target_blocks": len(self.shared_blocks),
             "seconds": round(sum(v for k, v in self.seconds.items() if k in ("similarity", "projection")), 3),
         }
 
@@ -134,6 +158,7 @@ class Report:
             "lorax.layers_dropped": str(s["dropped"]),
             "lorax.dropped_by_reason": json.dumps(s["dropped_by_reason"]),
             "lorax.energy_kept": f"{s['energy_kept']:.4f}",
+            "lorax.injected_energy": f"{s['injected_energy']:.4f}",
         }
         for k in ("rank", "method", "policy", "threshold", "output_rank"):
             if k in self.options:
@@ -150,18 +175,18 @@ class Report:
         for layer in self.layers:
             best = layer.best
             lines.append(self._row(_short(layer.source_key), layer.stage, best,
-                                   "applied" if layer.applied else f"dropped: {layer.reason}",
+                                   _applied_status(layer) if layer.applied else f"dropped: {layer.reason}",
                                    layer.energy_kept if layer.applied else None))
             if candidates:
                 for c in layer.candidates:
-                    status = f"applied x{c.strength:.3g}" if c.applied else (c.reason or "")
+                    status = f"applied x{c.strength:.3g} {_operator(c)}" if c.applied else (c.reason or "")
                     lines.append(self._row("", "", c, status, c.energy_kept, indent=True))
         s = self.summary()
         lines.append("-" * len(head))
         reasons = ", ".join(f"{n} {r}" for r, n in s["dropped_by_reason"].items()) or "none"
         lines.append(f"{s['applied']} of {s['source_layers']} source layers applied to {s['target_layers_written']} "
-                     f"target layers; dropped: {reasons}; energy kept {100 * s['energy_kept']:.1f}%; "
-                     f"{s['seconds']:.1f} s")
+                     f"target layers; dropped: {reasons}; energy kept {100 * s['energy_kept']:.1f}%, injected "
+                     f"{100 * s['injected_energy']:.1f}%; {s['seconds']:.1f} s")
         lines.extend(self.notes)
         return "\n".join(lines)
 
@@ -170,11 +195,24 @@ class Report:
         target = ("  " if indent else "") + (_short(cand.target_key) if cand else "-")
         sim = cand.similarity if cand else None
         f = (lambda x: f"{x:6.3f}") if sim else (lambda x: f"{'-':>6}")
+        est = "~" if sim and sim.get("estimate") else ""
         phi_u = f(sim["phi_u"]) if sim else f(0)
         phi_v = f(sim["phi_v"]) if sim else f(0)
-        score = f"{sim['score']:7.3f}" if sim else f"{'-':>7}"
+        score = f"{est}{sim['score']:.3f}".rjust(7) if sim else f"{'-':>7}"
         en = f"{energy:6.3f}" if energy is not None else f"{'-':>6}"
         return f"{source:58} {stage:11} {target:58} {phi_u} {phi_v} {score} {en}  {status}"
+
+
+def _operator(c: CandidateRecord) -> str:
+    if c.w_u is None or c.operator == IDENTITY_OPERATOR:
+        return c.operator or ""
+    return f"{c.operator} w={c.w_u:.2f}/{c.w_v:.2f}"
+
+
+def _applied_status(layer: LayerRecord) -> str:
+    applied = [c for c in layer.candidates if c.applied]
+    where = f" to {layer.targets_received} targets x{layer.total_strength:.3g}" if layer.targets_received > 1 else ""
+    return f"applied{where} {_operator(applied[0])}" if applied else "applied"
 
 
 def _short(key: str) -> str:
