@@ -45,15 +45,22 @@ fi
 "$VENV/bin/python" -c "import torch, torchvision; assert torch.__version__.startswith('2.14.1'), torch.__version__"
 
 if ! command -v chromium >/dev/null 2>&1; then
-  # Browser tests skip without it, so a failure here only warns.
+  # Browser tests skip without it on a developer's machine, but fail when $CI is set (tests/test_browser.py):
+  # under CI a missing chromium is an error here already.
+  no_chromium() {
+    if [ -n "${CI:-}" ]; then
+      echo "[setup] error: $1; CI is set and the browser tests need it" >&2
+      exit 1
+    fi
+    echo "[setup] warning: $1; browser tests will be skipped" >&2
+  }
   if [ "$(id -u)" -ne 0 ]; then
-    echo "[setup] warning: chromium is missing and we are not root; browser tests will be skipped" >&2
+    no_chromium "chromium is missing and we are not root"
   else
     echo "[setup] installing Debian chromium for the browser tests"
     export DEBIAN_FRONTEND=noninteractive
     apt_install() { apt-get install -y -q --no-install-recommends chromium >/dev/null; }
     # refresh the package lists only when the cached ones cannot provide the package
-    apt_install || { apt-get update -q >/dev/null && apt_install; } \
-      || echo "[setup] warning: could not install chromium; browser tests will be skipped" >&2
+    apt_install || { apt-get update -q >/dev/null && apt_install; } || no_chromium "could not install chromium"
   fi
 fi

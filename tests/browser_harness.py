@@ -25,8 +25,9 @@ def wait_for_app(page) -> None:
 def frontend(server, playwright_api, viewport=(1600, 1000)):
     """A page on ``server``'s frontend with the pack loaded; ``page.lorax_errors`` collects uncaught page errors."""
     # a fresh user gets the template browser first: mark the tour done so screenshots show the canvas; the
-    # minimap would cover nodes in the bottom-right corner of a framed screenshot
-    for setting, value in (("Comfy.TutorialCompleted", True), ("Comfy.Minimap.Visible", False)):
+    # minimap, canvas menu and canvas info would cover nodes in the corners of a framed screenshot
+    for setting, value in (("Comfy.TutorialCompleted", True), ("Comfy.Minimap.Visible", False),
+                           ("Comfy.Graph.CanvasMenu", False), ("Comfy.Graph.CanvasInfo", False)):
         status, _ = server.post_json(f"/settings/{setting}", value)
         if status != 200:
             raise RuntimeError(f"could not store the {setting} setting: HTTP {status}")
