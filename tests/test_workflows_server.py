@@ -127,8 +127,16 @@ def test_comparison_workflow_renders_the_labelled_grid(server, zoo):
     assert "text-encoder" in apply and not apply.endswith("+ 0 text-encoder weights")
     saved = outputs["41"]["images"]
     image_path = server.output_dir / saved[0]["subfolder"] / saved[0]["filename"]
+    from lorax_engine.reports.grid import GAP, LABEL_HEIGHT
     with Image.open(image_path) as grid:
-        assert grid.width >= 3 * 64 and grid.height > 64     # three labelled columns, one row
+        # three labelled 64 px columns, one row
+        assert grid.size == (3 * 64 + 2 * GAP, LABEL_HEIGHT + 64)
+        pixels = torch.frombuffer(bytearray(grid.convert("RGB").tobytes()), dtype=torch.uint8)
+    pixels = pixels.reshape(LABEL_HEIGHT + 64, -1, 3)[LABEL_HEIGHT:].int()
+    no_lora, lorax = pixels[:, :64], pixels[:, 2 * (64 + GAP):]
+    # same prompt and seed: the LoRA-X column differs from the no-LoRA one only through the LoRA
+    changed = (no_lora - lorax).abs().amax(dim=2) > 2
+    assert float(changed.float().mean()) > 0.05, "the LoRA-X column is (almost) the no-LoRA image"
     assert "comparison_grid" in saved[0]["filename"]
 
 
