@@ -29,13 +29,19 @@ def _unavailable(reason: str):
 
 
 @pytest.fixture(scope="module")
-def page(comfy_server, zoo, tmp_path_factory):
+def playwright_api():
+    """Checked before the server starts, so a missing browser is reported at once."""
     if CHROMIUM is None:
         _unavailable("Debian's chromium is not installed (scripts/setup_runtime.sh installs it as root)")
     try:
-        import playwright.sync_api as playwright_api
+        import playwright.sync_api
     except ImportError:
         _unavailable("the playwright module is not installed (requirements-dev.txt)")
+    return playwright.sync_api
+
+
+@pytest.fixture(scope="module")
+def page(playwright_api, comfy_server, zoo, tmp_path_factory):
     lora = zoo.make_sd15_lora(tmp_path_factory.mktemp("lora") / "my_sd15_style_lora.safetensors", rank=8, seed=11)
     comfy_server.upload_model("checkpoints", zoo.checkpoint("tiny_sd15"), "v1-5-pruned-emaonly.safetensors")
     comfy_server.upload_model("checkpoints", zoo.checkpoint("tiny_sdxl"), "sd_xl_base_1.0.safetensors")
