@@ -172,23 +172,38 @@ def test_the_estimate_flag_is_stored_with_the_entry(tmp_path):
     assert cache.get(zoo, KEY, spec).estimate and cache.stats.discarded == 1
 
 
+def test_a_sketch_that_falls_back_shares_the_gram_entry_the_projection_uses(tmp_path):
+    flat = StateDictWeights({KEY: trained_weight(640, 640, exponent=0.2, cond=1e3).half()}, architecture="sd1")
+    screening, projection = SubspaceSpec(320, "randomized"), SubspaceSpec(320, "gram")
+    cache = SubspaceCache(tmp_path)
+    fallback = cache.get(flat, KEY, screening)
+    assert not fallback.estimate and fallback.method == "gram(r=320)"
+    assert cache.get(flat, KEY, projection) is fallback and cache.stats.computed == 1
+    again = SubspaceCache(tmp_path)                 # and from disk, for either spec
+    for spec in (screening, projection):
+        torch.testing.assert_close(again.get(flat, KEY, spec).u, fallback.u)
+    assert (again.stats.computed, len(_entries(tmp_path))) == (0, 1)
+
+
 def test_key_follows_content_rank_and_method(tmp_path):
     cache = SubspaceCache(tmp_path)
     a = cache.get(_weights(0), KEY, SPEC)
     b = cache.get(_weights(1), KEY, SPEC)            # same key name, other values
     assert not torch.allclose(_proj(a.u, 64), _proj(b.u, 64), atol=1e-2)
     cache.get(_weights(0), KEY, SubspaceSpec(12, "exact"))
-    cache.get(_weights(0), KEY, SubspaceSpec(16, "randomized", oversample=4))
-    cache.get(_weights(0), KEY, SubspaceSpec(16, "randomized", oversample=4, sketch_dtype="bfloat16"))
     cache.get(_weights(0), KEY, SubspaceSpec(16, "gram"))
-    assert cache.stats.computed == 6 and len(_entries(tmp_path)) == 6
+    sketches = [cache.get(_weights(0), KEY, SubspaceSpec(16, "randomized", oversample=4, sketch_dtype=dt))
+                for dt in ("float32", "bfloat16")]
+    # a sketch is its own entry; one that cannot certify itself is the Gram basis, computed once already
+    certified = sum(b.estimate for b in sketches)
+    assert cache.stats.computed == 4 + certified and len(_entries(tmp_path)) == 4 + certified
     # a weight modified in place is hashed again: no stale basis
     tensors = {KEY: spectral_matrix(64, 48, _gen(0)).half()}
     weights = StateDictWeights(tensors, "sd1")
     before = cache.get(weights, KEY, SPEC)
     tensors[KEY].mul_(-1).add_(spectral_matrix(64, 48, _gen(9)).half())
     after = cache.get(weights, KEY, SPEC)
-    assert after is not before and cache.stats.computed == 7
+    assert after is not before and cache.stats.computed == 4 + certified + 1
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "nan", "swap"])

@@ -68,7 +68,7 @@ import threading
 import time
 from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -437,18 +437,16 @@ class SubspaceCache:
         with self._lock:
             t0 = time.perf_counter()
             shape = matrix_shape(weights.shape(key))
-            ckey = cache_key(weights.fingerprint(key), shape, spec)
+            fingerprint = weights.fingerprint(key)
+            ckey = cache_key(fingerprint, shape, spec)
             self.stats.read_seconds += time.perf_counter() - t0
-            basis = self._lru.get(ckey)
-            if basis is not None:
-                self._lru.move_to_end(ckey)
-                self.stats.memory_hits += 1
-                return basis
-            basis = self._read(ckey, shape, spec)
-            if basis is not None:
-                self.stats.disk_hits += 1
-                self._remember(ckey, basis)
-                return basis
+            # a sketch that cannot certify itself falls back to the Gram basis, which is also what the transfer
+            # projects with: a Gram basis already at hand serves the sketch's key, and a fallback serves the Gram's
+            gram = SubspaceSpec(spec.rank, "gram") if spec.effective(*shape).method == "randomized" else None
+            for k, s in ((ckey, spec), *(((cache_key(fingerprint, shape, gram), gram),) if gram else ())):
+                basis = self._lookup(k, shape, s)
+                if basis is not None:
+                    return basis
             t0 = time.perf_counter()
             w = weights.matrix(key)
             self.stats.read_seconds += time.perf_counter() - t0
@@ -460,10 +458,25 @@ class SubspaceCache:
         del w
         _validate(basis, spec.effective(*shape).rank, content=True)
         seconds = time.perf_counter() - t0
+        if gram is not None and not basis.estimate:
+            ckey, basis = cache_key(fingerprint, shape, gram), replace(basis, method=gram.effective(*shape).describe())
         self._write(ckey, basis)
         with self._lock:
             self.stats.compute_seconds += seconds
             self.stats.computed += 1
+            self._remember(ckey, basis)
+        return basis
+
+    def _lookup(self, ckey: str, shape: tuple[int, int], spec: SubspaceSpec) -> Basis | None:
+        """The entry ``ckey`` from memory or disk (counted in the stats), or None. Call with the lock held."""
+        basis = self._lru.get(ckey)
+        if basis is not None:
+            self._lru.move_to_end(ckey)
+            self.stats.memory_hits += 1
+            return basis
+        basis = self._read(ckey, shape, spec)
+        if basis is not None:
+            self.stats.disk_hits += 1
             self._remember(ckey, basis)
         return basis
 
@@ -510,12 +523,15 @@ class SubspaceCache:
                 raise ValueError("entry does not say whether it is an estimate")
             basis = Basis(shape, t.get("u"), t.get("v"), t.get("s"), eff.describe(), estimate == "1")
             _validate(basis, eff.rank)      # the checksum vouches for the values, checked when written
-            os.utime(path)                  # mtime = last use, for the disk budget's LRU eviction
-            return basis
         except (SafetensorError, ValueError, RuntimeError, OSError):
             self.stats.discarded += 1
             path.unlink(missing_ok=True)
             return None
+        try:
+            os.utime(path)                  # mtime = last use, for the disk budget's LRU eviction
+        except OSError:
+            pass                            # a read-only cache still serves its entries
+        return basis
 
     def _write(self, ckey: str, basis: Basis):
         path = self._path(ckey)
