@@ -1,10 +1,16 @@
 """What the nodes need from ComfyUI, in one place: base weights of MODEL/CLIP patchers, the compute
 device, progress and Cancel hooks, the shared subspace cache (emptied when ComfyUI frees memory), which
-files a path input may read, and clean node errors."""
+files a path input may read, and clean node errors.
+
+Devices: the nodes compute on ComfyUI's compute device when it is a CUDA GPU, else on the CPU (the engine's
+float64 eigensolvers and products are not available on mps/xpu/DirectML, so those fall back to CPU math, with
+every tensor on the CPU). LoRAs passed between the nodes stay on that device within a run; VRAM is handed back
+after each transfer and, when ComfyUI frees memory, LoRAs the nodes passed on in VRAM move to the CPU."""
 from __future__ import annotations
 
 import functools
 import os
+import re
 import weakref
 
 import comfy.model_base
@@ -16,7 +22,8 @@ import torch
 from ..lorax_engine.analysis.disk_budget import disk_budget_bytes, env_bytes, evict_to
 from ..lorax_engine.analysis.subspaces import DEFAULT_MEMORY_BYTES, SubspaceCache
 from ..lorax_engine.errors import LoraXError
-from ..lorax_engine.files.base_weights import as_matrix, tensor_fingerprint
+from ..lorax_engine.files.base_weights import tensor_fingerprint
+from ..lorax_engine.files.lora import LoraModel
 from ..lorax_engine.files.provenance import UNKNOWN_MODEL
 
 # ComfyUI's model config class -> the engine's architecture names (anything else is detected from shapes)
@@ -27,23 +34,70 @@ class NodeError(Exception):
     """Raised by nodes with the engine's one-line message; ComfyUI shows it as the node's error."""
 
 
-def user_errors(func):
-    """Turn the engine's errors into short node errors (no engine traceback in the UI)."""
-    @functools.wraps(func)
-    def wrapper(*args, **kwargs):
+# torch's words for tensors that met on the wrong device ("Expected all tensors to be on the same device, ...")
+_DEVICE_ERROR = re.compile(r"\bdevices?\b", re.IGNORECASE)
+
+
+def _node_title(node) -> str:
+    from . import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # at call time: the package imports this module
+    for node_id, cls in NODE_CLASS_MAPPINGS.items():
+        if type(node) is cls:
+            return NODE_DISPLAY_NAME_MAPPINGS[node_id]
+    return type(node).__name__
+
+
+def device_error_line(node, err: RuntimeError) -> str | None:
+    """One line for a torch device error raised inside ``node``, or None for any other error. Out-of-memory
+    errors are not ours to reword: ComfyUI recognises them and frees memory itself."""
+    message = str(err).strip()
+    if isinstance(err, comfy.model_management.OOM_EXCEPTION) or not _DEVICE_ERROR.search(message):
+        return None
+    return (f"{_node_title(node)}: device error ({message.splitlines()[0]}). This is a bug in the LoRA-X pack: "
+            "please report it with this line; meanwhile start ComfyUI with --cpu to transfer on the CPU")
+
+
+def user_errors(method):
+    """Turn the engine's errors, and torch device errors, into one-line node errors (no traceback in the UI)."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
         try:
-            return func(*args, **kwargs)
+            return method(self, *args, **kwargs)
         except LoraXError as err:
             raise NodeError(str(err)) from None
+        except RuntimeError as err:
+            line = device_error_line(self, err)
+            if line is None:
+                raise
+            raise NodeError(line) from None
     return wrapper
 
 
-def compute_device() -> torch.device:
-    return comfy.model_management.get_torch_device()
-
-
 def engine_device() -> str:
-    return "cuda" if compute_device().type == "cuda" else "cpu"
+    """Where the nodes compute and keep their tensors: ComfyUI's compute device if it is a CUDA GPU (with its
+    index), else ``"cpu"``."""
+    device = comfy.model_management.get_torch_device()
+    return str(device) if device.type == "cuda" else "cpu"
+
+
+_on_device: list[weakref.ref] = []     # LoRAs the nodes passed on in VRAM
+
+
+def on_engine_device(lora: LoraModel) -> LoraModel:
+    """``lora`` on :func:`engine_device`, to pass to the next node; remembered while it lives, so freeing memory
+    can move it to the CPU (ComfyUI keeps node outputs between runs; a LoRA moved there still works)."""
+    lora = lora.to(engine_device())
+    if any(layer.up.device.type != "cpu" for layer in lora.layers.values()):
+        _on_device[:] = [ref for ref in _on_device if ref() is not None]
+        _on_device.append(weakref.ref(lora))
+    return lora
+
+
+def _offload_outputs():
+    for ref in _on_device:
+        lora = ref()
+        if lora is not None:
+            lora.layers = {k: layer.to("cpu") for k, layer in lora.layers.items()}
+    _on_device.clear()
 
 
 class ComfyProgress:
@@ -87,7 +141,9 @@ def subspace_cache() -> SubspaceCache:
 
 
 def after_transfer():
-    """Keep the disk cache within ``$LORAX_DISK_CACHE_GB`` (least recently used bases go first)."""
+    """Hand back the VRAM the transfer's temporaries held, and keep the disk cache within
+    ``$LORAX_DISK_CACHE_GB`` (least recently used bases go first)."""
+    comfy.model_management.soft_empty_cache()
     if _cache is not None:
         evict_to(_cache.directory, disk_budget_bytes())
 
@@ -105,10 +161,14 @@ def _free_subspace_cache():
         _cache.pairs = None       # the pair scores stay on disk; the transfer reopens the store on next use
 
 
+on_free_memory(_offload_outputs)
+
+
 def free_memory_caches():
-    """Empty every in-memory cache of the pack (what ComfyUI's "free memory" triggers)."""
+    """Empty every in-memory cache of the pack and give the VRAM back (what ComfyUI's "free memory" triggers)."""
     for hook in _free_hooks:
         hook()
+    comfy.model_management.soft_empty_cache()
 
 
 def install_free_memory_hook():
@@ -224,7 +284,10 @@ class PatcherWeights:
         return convert(weight, inplace=False)
 
     def matrix(self, key: str) -> torch.Tensor:
-        return as_matrix(self._tensor(key))
+        """float32 ``[m, prod(rest)]`` on the device the weight sits on (no round trip through the host when
+        the model is on the GPU: the bases are computed there)."""
+        t = self._tensor(key).detach()
+        return t.to(torch.float32).reshape(t.shape[0], -1)
 
     def fingerprint(self, key: str) -> str:
         return _fingerprints(self._weights[key][0])

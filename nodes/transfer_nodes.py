@@ -39,11 +39,11 @@ from .comfy_bridge import (
     PatcherWeights,
     after_transfer,
     checked_path,
-    compute_device,
     engine_device,
     is_sdxl,
     listed_file,
     memory_budget_bytes,
+    on_engine_device,
     on_free_memory,
     stop_if_cancelled,
     subspace_cache,
@@ -142,7 +142,7 @@ class LoadSourceLoRA:
     @user_errors
     def load(self, lora_name, strength, lora_path=""):
         lora = read_lora(self._path(lora_name, lora_path))
-        lora = _scaled(lora, strength).to(compute_device())
+        lora = on_engine_device(_scaled(lora, strength))
         tags = lora.metadata.get("ss_tag_frequency", "")
         summary = (f"{os.path.basename(lora.source_path or lora_name)}: {lora.source_format}, architecture "
                    f"{lora.architecture}, {len(lora.unet_keys())} UNet + {len(lora.text_keys())} text-encoder layers"
@@ -232,6 +232,7 @@ class ProjectLoRAX:
         options = replace(subspace_map.options, mode=mode, output_rank=rank_cap or None)
         projected, report = project(lora, subspace_map, options, progress=ComfyProgress(unique_id),
                                     should_stop=stop_if_cancelled)
+        projected = on_engine_device(projected)
         after_transfer()
         provenance = source_provenance(lora_path=lora.source_path, memo_dir=_memo_dir())
         attach(projected, report, {**provenance, "lorax.source_format": lora.source_format})
@@ -480,13 +481,16 @@ class LoadSD15LoRAIntoSDXL:
     @staticmethod
     def _transfer(lora_path, checkpoint_path, checkpoint_name, target, options, unique_id):
         cache = subspace_cache()
-        lora = read_lora(lora_path).to(compute_device())
+        lora = read_lora(lora_path).to(engine_device())
         with CheckpointWeights(checkpoint_path, fingerprint_dir=_memo_dir(), name=checkpoint_name) as source:
             result, report = transfer(lora, source, target, options, cache=cache, progress=ComfyProgress(unique_id),
                                       should_stop=stop_if_cancelled)
-        after_transfer()
+        # remembered across runs and patched from the CPU (as ComfyUI keeps LoRA patches): no VRAM held after this
+        result = result.to("cpu")
         provenance = source_provenance(lora_path=lora_path, source_model=checkpoint_path, memo_dir=_memo_dir())
         attach(result, report, {**provenance, "lorax.source_format": lora.source_format})
+        del lora    # its VRAM goes back with the transfer's temporaries
+        after_transfer()
         return result, report
 
 

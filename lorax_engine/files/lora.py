@@ -38,20 +38,29 @@ class LoraLayer:
     def scale(self) -> float:
         return float(self.alpha) / self.rank
 
+    def _float_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """up and down in float32, down placed with up: results live where the LoRA's up factor lives."""
+        return self.up.float(), self.down.to(device=self.up.device, dtype=torch.float32)
+
     def delta(self) -> torch.Tensor:
         """Dense ΔW as a matrix ``[m, n]`` in float32 (for tests and reports; transfers use factors)."""
-        return self.scale * (self.up.float() @ self.down.float())
+        up, down = self._float_factors()
+        return self.scale * (up @ down)
 
     def delta_weight(self) -> torch.Tensor:
         """Dense ΔW in the shape of the patched weight."""
         return self.delta().reshape(self.weight_shape)
 
-    def energy(self) -> float:
-        """||ΔW||_F^2 computed from the factors without forming ΔW (trace of a k x k product)."""
-        up, down = self.up.float(), self.down.float()
-        return float((self.scale ** 2) * torch.sum((up.T @ up) * (down @ down.T)))
+    def squared_norm(self) -> torch.Tensor:
+        """||ΔW||_F^2 as a 0-d tensor on the LoRA's device, from the factors (trace of a k x k product)."""
+        up, down = self._float_factors()
+        return (self.scale ** 2) * torch.sum((up.T @ up) * (down @ down.T))
 
-    def to(self, device=None, dtype=None) -> "LoraLayer":
+    def energy(self) -> float:
+        """||ΔW||_F^2 as a number: computed where the factors live, only the scalar reaches the host."""
+        return float(self.squared_norm())
+
+    def to(self, device=None, dtype=None) -> LoraLayer:
         return LoraLayer(self.up.to(device=device, dtype=dtype), self.down.to(device=device, dtype=dtype),
                          self.alpha, self.weight_shape)
 
@@ -68,7 +77,7 @@ class LoraModel:
     source_dtypes: tuple[str, ...] = ()
     notes: list[str] = field(default_factory=list)           # e.g. re-factorisation ranks and energy kept
 
-    def to(self, device=None, dtype=None) -> "LoraModel":
+    def to(self, device=None, dtype=None) -> LoraModel:
         return LoraModel({k: v.to(device, dtype) for k, v in self.layers.items()}, self.architecture,
                          self.source_format, dict(self.metadata), self.source_path, self.source_dtypes,
                          list(self.notes))

@@ -327,7 +327,10 @@ def _refactor(delta: torch.Tensor, canonical: str, arch: str, module: str, fail)
 def to_kohya_state_dict(lora: LoraModel, architecture: str, dtype: torch.dtype = torch.float16
                         ) -> dict[str, torch.Tensor]:
     """kohya/SAI tensors of a LoRA: ``<name>.lora_down.weight`` [k, *weight_shape[1:]],
-    ``<name>.lora_up.weight`` [m, k] (+ [1, 1] for conv weights) and a scalar ``<name>.alpha``."""
+    ``<name>.lora_up.weight`` [m, k] (+ [1, 1] for conv weights) and a scalar ``<name>.alpha``.
+
+    The tensors are on the CPU whatever device the LoRA is on: files and hashes need host bytes, and ComfyUI keeps
+    LoRA patches on the CPU (it moves each to the weight's device when it patches), as its own loader does."""
     out = {}
     limit = torch.finfo(dtype).max
     for key in sorted(lora.layers):
@@ -343,8 +346,8 @@ def to_kohya_state_dict(lora: LoraModel, architecture: str, dtype: torch.dtype =
             up, down = up * c, down / c
         down = down.reshape(k, *ws[1:])
         up = up.reshape(ws[0], k, *([1] * (len(ws) - 2)))
-        out[f"{name}.lora_down.weight"] = down.to(dtype).contiguous()
-        out[f"{name}.lora_up.weight"] = up.to(dtype).contiguous()
+        out[f"{name}.lora_down.weight"] = down.to(device="cpu", dtype=dtype).contiguous()
+        out[f"{name}.lora_up.weight"] = up.to(device="cpu", dtype=dtype).contiguous()
         out[f"{name}.alpha"] = torch.tensor(float(layer.alpha), dtype=torch.float32)
     return out
 

@@ -30,6 +30,8 @@ from ``k x k`` products of the factors.
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from ..analysis.similarity import LayerSimilarity
@@ -88,6 +90,12 @@ def _with(basis_side: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | No
     return None if basis_side is None else basis_side.to(device=x.device, dtype=x.dtype)
 
 
+def placed(basis: Basis, device: torch.device) -> Basis:
+    """``basis`` with its sides on ``device``: placed once, then used for many factors."""
+    move = lambda t: None if t is None else t.to(device)  # noqa: E731
+    return replace(basis, u=move(basis.u), v=move(basis.v))
+
+
 def _left(u: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
     """P_U x (identity for a full side)."""
     u = _with(u, x)
@@ -100,12 +108,12 @@ def _right(x: torch.Tensor, v: torch.Tensor | None) -> torch.Tensor:
     return x if v is None else (x @ v) @ v.T
 
 
-def _embedded_v(basis: Basis, width: int) -> torch.Tensor | None:
+def _embedded_v(basis: Basis, width: int, device: torch.device) -> torch.Tensor | None:
     """A source V basis in the target's input space (rows 0..n-1); identity stays a slot projector."""
     n = basis.shape[1]
     if n == width:
         return basis.v
-    v = basis.v if basis.v is not None else torch.eye(n)
+    v = basis.v if basis.v is not None else torch.eye(n, device=device)
     return torch.cat([v, v.new_zeros(width - n, v.shape[1])], dim=0)
 
 
@@ -114,14 +122,21 @@ def energy_fraction(original: LoraLayer, result: LoraLayer) -> float:
     return result.energy() / total if total > 0 else 0.0
 
 
-def projected_energy(layer: LoraLayer, basis: Basis) -> float:
-    """Fraction of ``||ΔW||^2`` that ``subspace`` projection onto ``basis`` keeps, from k x k products only."""
+def projected_energy_terms(layer: LoraLayer, basis: Basis) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(kept, total)``: ``||P_U ΔW P_V||^2`` and ``||ΔW||^2`` up to the scale, as 0-d float64 tensors on the
+    LoRA's device (the basis is placed there), from k x k products only."""
     up, down = _factors(layer, basis.shape[1])
     u, v = _with(basis.u, up), _with(basis.v, down)
     x = up if u is None else u.T @ up          # [r, k]
     y = down if v is None else down @ v        # [k, r]
-    kept = float(torch.sum((x.T @ x).double() * (y @ y.T).double()))
-    total = float(torch.sum((up.T @ up).double() * (down @ down.T).double()))
+    kept = torch.sum((x.T @ x).double() * (y @ y.T).double())
+    total = torch.sum((up.T @ up).double() * (down @ down.T).double())
+    return kept, total
+
+
+def projected_energy(layer: LoraLayer, basis: Basis) -> float:
+    """Fraction of ``||ΔW||^2`` that ``subspace`` projection onto ``basis`` keeps (only the scalars reach the host)."""
+    kept, total = (float(t) for t in projected_energy_terms(layer, basis))
     return kept / total if total > 0 else 0.0
 
 
@@ -136,8 +151,9 @@ def project_sidewise(layer: LoraLayer, source: Basis, target: Basis, target_shap
     """``T_U ΔW T_V^T`` (module docstring) as factors of the same rank and alpha."""
     width = target.shape[1]
     up, down = _factors(layer, width)
+    source, target = placed(source, up.device), placed(target, up.device)   # one copy each, not one per use
     b1 = _left(source.u, up)
-    a1 = _right(down, _embedded_v(source, width))
+    a1 = _right(down, _embedded_v(source, width, up.device))
     new_up, new_down = _left(target.u, b1), _right(a1, target.v)
     if w_u:
         b0 = up - b1

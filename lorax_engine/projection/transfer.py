@@ -75,6 +75,7 @@ from .operators import (
     energy_fraction,
     pass_through,
     passes_through,
+    placed,
     project_sidewise,
     project_subspace,
     projected_energy,
@@ -313,6 +314,7 @@ def _score(smap: SubspaceMap, keys: list[str], lora: LoraModel | None, progress:
             for t, basis_t in fetched:
                 screen_t = basis_t.to(product_dtype)
                 fp_t = target.fingerprint(t)        # memoised: get_many has hashed it
+                energy_basis = None                 # basis_t on the LoRA's device, placed once for all its sources
                 for s in by_target[t]:
                     entry = smap.entries[s]
                     if s in need_pair.get(t, ()):
@@ -325,8 +327,10 @@ def _score(smap: SubspaceMap, keys: list[str], lora: LoraModel | None, progress:
                         entry.similarities[t] = sim
                         store.put(fp_s, fp_t, spec_id, sim)
                     if lora is not None and t not in entry.energies:
-                        entry.energies[t] = projected_energy(lora.layers[s], basis_t)
-                del basis_t, screen_t
+                        if energy_basis is None:
+                            energy_basis = placed(basis_t, lora.layers[s].up.device)
+                        entry.energies[t] = projected_energy(lora.layers[s], energy_basis)
+                del basis_t, screen_t, energy_basis
                 tick()
         del src_screen
     # identity across storage precisions (SD1.5's fp32 CLIP-L vs SDXL's fp16 copy): compared on values, only for
