@@ -2,10 +2,12 @@
 
 What a straightforward implementation of METHOD.md does: every weight it needs is decomposed with a full
 float32 ``torch.linalg.svd``, one layer at a time, with no cache, no randomised screening and no Gram-matrix
-tricks. It shares only the layer matching (``lorax_engine.analysis.matching``) with the engine, so the benchmark
-compares the subspace machinery, not the matching rules. Choices that favour the naive side (so the
-measured speed-up is a lower bound): each weight is decomposed once per run (a stage's bases are held
-until the stage is done), and similarity/projection are done on factors as in the engine.
+tricks. It computes the default transfer (slot-aware scores, block-level "best", the similarity-weighted ``auto``
+operator, identical weights passed through) and shares only the layer matching rules
+(``lorax_engine.analysis.matching``) and the identity test with the engine, so the benchmark compares the subspace
+machinery, not the matching rules. Choices that favour the naive side (so the measured speed-up is a lower
+bound): each weight is decomposed once per run (a stage's bases are held until the stage is done), and
+similarity/projection are done on factors as in the engine.
 
 A full naive run on the full-size models takes hours on 2 CPU cores, so :func:`naive_transfer` can run a
 subset of stages, and :func:`plan_svds` + :func:`time_svds` extrapolate the whole run from a timed SVD per
@@ -20,7 +22,8 @@ from collections import Counter
 
 import torch
 
-from lorax_engine.analysis.matching import TargetIndex, select
+from lorax_engine.analysis.matching import TargetIndex, parse_key, select_units, unit_of
+from lorax_engine.analysis.similarity import identical_after_cast
 
 
 def top_subspaces(w: torch.Tensor, rank: int):
@@ -32,16 +35,33 @@ def top_subspaces(w: torch.Tensor, rank: int):
 
 
 def _side_score(xs, xt, dim_s: int, dim_t: int) -> float:
-    """Chance-normalised mean squared cosine of one side (METHOD §1, §3); 1.0 for a full side."""
+    """Chance-normalised mean squared cosine of one side (METHOD §1; a narrower source side is embedded and
+    normalised within its slot, §3); 1.0 for a side that spans its whole space."""
     r_s = dim_s if xs is None else xs.shape[1]
     r_t = dim_t if xt is None else xt.shape[1]
-    chance = max(r_s, r_t) / dim_t
-    if chance >= 1.0:
-        return 1.0
-    slot = xt[:dim_s]
-    overlap = float((slot.double() ** 2).sum()) if xs is None else float(((xs.T @ slot).double() ** 2).sum())
-    phi = min(max(overlap / min(r_s, r_t), 0.0), 1.0)
-    return (phi - chance) / (1.0 - chance)
+    if dim_s == dim_t:
+        chance = max(r_s, r_t) / dim_t
+        if chance >= 1.0:
+            return 1.0
+        phi = float(((xs.T @ xt).double() ** 2).sum()) / min(r_s, r_t)
+        return (phi - chance) / (1.0 - chance)
+    slot = (torch.eye(dim_t)[:dim_s] if xt is None else xt[:dim_s]).double()
+    k = min(r_s, r_t)
+    energy = float((slot ** 2).sum())
+    phi = energy / k if xs is None else float(((xs.double().T @ slot) ** 2).sum()) / k
+    chance = r_s * energy / (dim_s * k)
+    ceiling = float((torch.linalg.svdvals(slot)[:r_s] ** 2).sum()) / k
+    if energy < 1e-9:
+        return 0.0
+    return 1.0 if ceiling - chance <= 1e-12 else (phi - chance) / (ceiling - chance)
+
+
+def _sidewise(x, p_s, p_t, w):
+    """T x for T = P_t P_s + w (I - P_t)(I - P_s), projectors given by their bases (None = identity)."""
+    proj = lambda b, y: y if b is None else b @ (b.T @ y)  # noqa: E731
+    inside = proj(p_s, x)
+    rest = x - inside
+    return proj(p_t, inside) + w * (rest - proj(p_t, rest))
 
 
 def plan(lora, source, target):
@@ -101,9 +121,8 @@ def _sync(device):
 
 def naive_transfer(lora, source, target, rank: int = 320, threshold: float = -math.inf, device: str = "cpu",
                    stages=None):
-    """Transfer ``lora`` with the "best" policy. Returns ({target key: dense ΔW}, {(s, t): score}, seconds).
-
-    ``stages``: the stage labels to run (default: all of them).
+    """Transfer ``lora`` with block-level "best" and mode ``auto``. Returns ({target key: dense ΔW},
+    {(s, t): score}, seconds). ``stages``: the stage labels to run (default: all of them).
     """
     t_start = time.perf_counter()
     planned = plan(lora, source, target)
@@ -114,25 +133,42 @@ def naive_transfer(lora, source, target, rank: int = 320, threshold: float = -ma
             continue
         src = {s: top_subspaces(source.matrix(s).to(device), rank) for s, _ in items}
         tgt = {t: top_subspaces(target.matrix(t).to(device), rank) for t in sorted({t for _, ts in items for t in ts})}
+        sides: dict[tuple[str, str], tuple[float, float]] = {}
+        identical: set[tuple[str, str]] = set()
+        units: dict[str, list] = {}
         for s, ts in items:
-            layer = lora.layers[s]
             (ms, ns), us_vs = _matrix_shape(source.shape(s)), src[s]
-            scored = []
             for t in ts:
                 mt, nt = _matrix_shape(target.shape(t))
-                score = min(_side_score(us_vs[0], tgt[t][0], ms, mt), _side_score(us_vs[1], tgt[t][1], ns, nt))
-                scores[(s, t)] = score
-                scored.append((t, score))
-            chosen, _ = select(s, scored, "best", threshold)
-            for t, strength in chosen.items():
-                ut, vt = tgt[t]
-                mt, nt = _matrix_shape(target.shape(t))
+                sides[(s, t)] = (_side_score(us_vs[0], tgt[t][0], ms, mt), _side_score(us_vs[1], tgt[t][1], ns, nt))
+                # identical weights (after a cast): checked on the values where the score makes it plausible
+                if min(sides[(s, t)]) >= 0.5 and source.shape(s) == target.shape(t) and identical_after_cast(
+                        source.matrix(s), target.matrix(t)):
+                    sides[(s, t)] = (1.0, 1.0)
+                    identical.add((s, t))
+                scores[(s, t)] = min(sides[(s, t)])
+            units.setdefault(unit_of(parse_key(s)), []).append(
+                (lora.layers[s].energy(), {t: (scores[(s, t)], False) for t in ts}))
+        best = select_units(units)
+        for s, ts in items:
+            layer = lora.layers[s]
+            for t in ts:
+                if unit_of(parse_key(t)) != best[unit_of(parse_key(s))][0] or scores[(s, t)] < threshold:
+                    continue
+                (ut, vt), (us, vs) = tgt[t], src[s]
+                nt = _matrix_shape(target.shape(t))[1]
                 up = layer.up.float().reshape(layer.up.shape[0], -1).to(device)
                 down = layer.down.float().reshape(layer.down.shape[0], -1).to(device)
-                down = torch.cat([down, down.new_zeros(down.shape[0], nt - down.shape[1])], dim=1)
-                up = up if ut is None else ut @ (ut.T @ up)
-                down = down if vt is None else (down @ vt) @ vt.T
-                delta = strength * float(layer.alpha) / layer.rank * (up @ down)
+                pad = nt - down.shape[1]
+                down = torch.cat([down, down.new_zeros(down.shape[0], pad)], dim=1)
+                if (s, t) not in identical:
+                    w_u, w_v = (min(max(x, 0.0), 1.0) for x in sides[(s, t)])
+                    if pad:      # the source's input subspace, embedded in the CLIP-L slot
+                        vs = torch.eye(down.shape[1] - pad, device=down.device) if vs is None else vs
+                        vs = torch.cat([vs, vs.new_zeros(pad, vs.shape[1])], dim=0)
+                    up = _sidewise(up, us, ut, w_u)
+                    down = _sidewise(down.T, vs, vt, w_v).T
+                delta = float(layer.alpha) / layer.rank * (up @ down)
                 deltas[t] = deltas[t] + delta if t in deltas else delta
         del src, tgt
     _sync(device)

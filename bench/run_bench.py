@@ -9,6 +9,8 @@ rank-32 SD1.5 LoRA, at subspace rank r (default 320), it measures:
 * exact: the same transfer with ``--exact`` (exact bases to screen and to project), for the accuracy figures;
 * accuracy of the default fast path vs exact: max |Δ| of normalised similarities over every scored pair,
   max relative Frobenius error of the projected ΔW over the target layers both paths chose alike;
+* trained: the same accuracy on weights that look trained (bench/trained_accuracy.py: every pair kind of
+  lorax_zoo.pairs, bulk spectra i^-0.2..i^-1, condition numbers 1e2 and 1e4), fast and exact against float64;
 * naive: bench/naive_transfer.py (full float32 SVD per layer, no cache), run on one stage for real
   (and checked against the engine's exact output) and extrapolated to the whole transfer from one timed
   SVD per distinct weight shape;
@@ -39,6 +41,8 @@ sys.path[1:1] = [str(REPO), str(REPO / "tests")]
 
 import torch  # noqa: E402
 from naive_transfer import naive_transfer, plan, plan_svds, time_svds  # noqa: E402
+from trained_accuracy import measure as trained_accuracy  # noqa: E402
+from trained_accuracy import table as trained_table  # noqa: E402
 
 import lorax_zoo  # noqa: E402
 from lorax_engine.files.base_weights import CheckpointWeights  # noqa: E402
@@ -49,6 +53,7 @@ TARGETS = {   # name: (figure, comparison, bound) for the 2-core CPU targets of 
     "naive_over_cold": (">=", 4.0), "sim_max_abs_err": ("<=", 0.01), "dw_max_rel_err": ("<=", 1e-2),
     "cold_s": ("<=", 60.0), "warm_s": ("<=", 3.0), "batch_marginal_s_per_lora": ("<=", 3.0),
     "cold_peak_rss_gb": ("<=", 4.0), "step_overhead": ("<=", 0.05),
+    "trained_max_score_err": ("<=", 0.01), "trained_max_dw_err": ("<=", 1e-2), "trained_flips": ("<=", 0),
 }
 
 
@@ -249,17 +254,22 @@ def main(argv=None) -> int:
     p.add_argument("--rank", type=int, default=None, help="subspace rank (default 320; 64 with --quick)")
     p.add_argument("--batch", type=int, default=None, help="LoRAs in the batch run (default 10; 3 with --quick)")
     p.add_argument("--work", type=Path, default=REPO / "out" / "bench", help="scratch folder (default out/bench)")
-    p.add_argument("--skip", default="", help="comma-separated phases to skip: naive,step")
+    p.add_argument("--skip", default="", help="comma-separated phases to skip: naive,step,trained")
+    p.add_argument("--models", choices=("zoo", "trained"), default="zoo",
+                   help="zoo: sd15 -> sdxl (1/i spectra); trained: sd15_trained -> sdxl_trained (slow spectra, "
+                        "CLIP-L fp32 vs its fp16 copy)")
     p.add_argument("--no-record", action="store_true", help="do not append to bench/results.jsonl")
     args = p.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
     rank = args.rank or (64 if args.quick else 320)
     n_batch = args.batch or (3 if args.quick else 10)
-    names = ("tiny_sd15", "tiny_sdxl") if args.quick else ("sd15", "sdxl")
+    names = {(True, "zoo"): ("tiny_sd15", "tiny_sdxl"), (False, "zoo"): ("sd15", "sdxl"),
+             (True, "trained"): ("tiny_sd15_trained", "demo_sdxl_trained"),
+             (False, "trained"): ("sd15_trained", "sdxl_trained")}[(args.quick, args.models)]
     work = fresh(args.work)
     result = {"schema": 1, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "quick": args.quick,
               "machine": machine(args.device), "models": list(names), "rank": rank, "lora_rank": 32,
-              "lora_cover": "full", "threshold": "off", "policy": "best"}
+              "lora_cover": "full", "threshold": "off", "policy": "best", "mode": "auto"}
     t_all = time.perf_counter()
 
     def say(msg):
@@ -291,7 +301,8 @@ def main(argv=None) -> int:
         src = fresh(work / f"batch{n}_in")
         for path in lora_paths[:n]:
             os.link(path, src / path.name)
-        times[n], _ = run_cli(["batch", *common, "--lora-dir", str(src), "--out-dir", str(fresh(work / f"batch{n}_out")),
+        out_dir = fresh(work / f"batch{n}_out")
+        times[n], _ = run_cli(["batch", *common, "--lora-dir", str(src), "--out-dir", str(out_dir),
                                "--cache-dir", str(cache)], work / f"batch{n}.log")
         say(f"batch of {n}: {times[n]:.1f} s")
     result["batch_1_s"], result[f"batch_{n_batch}_s"] = times[1], times[n_batch]
@@ -302,6 +313,13 @@ def main(argv=None) -> int:
     result.update(accuracy(cold_rep, exact_rep, cold_out, exact_out))
     say(f"fast vs exact: similarity max |Δ| {result['sim_max_abs_err']:.4f}, "
         f"ΔW max rel err {result['dw_max_rel_err']:.2e}")
+
+    if "trained" not in skip:
+        say("fast and exact vs float64 on trained-looking layer pairs")
+        trained = trained_accuracy(**({"shapes": ((640, 640),), "conds": (1e4,)} if args.quick else {}))
+        print(trained_table(trained), flush=True)
+        result.update(trained_max_score_err=trained["max_score_err"], trained_max_dw_err=trained["max_dw_err"],
+                      trained_flips=trained["flips"], trained_rows=trained["rows"])
 
     if "naive" not in skip:
         say("naive reference transfer")
