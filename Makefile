@@ -1,7 +1,7 @@
 # Two entry points for a fresh machine: `make demo` and `make test` (each sets up the runtime on first use).
 PY := .venv/bin/python
 
-.PHONY: setup test demo bench clean-cache
+.PHONY: setup test demo bench clean-cache gpu-prepare gpu-check
 
 setup:
 	bash scripts/setup_runtime.sh
@@ -20,3 +20,11 @@ bench: setup
 # synthetic model zoo and subspace caches; rebuilt on demand
 clean-cache:
 	rm -rf .cache
+
+# the GPU checks (README, Development > GPU): gpu-prepare here builds .gpu/ and prints the device tool's call;
+# gpu-check is what runs on the lent GPU machine (ARGS="--dry-run" checks its CPU-side parts anywhere)
+gpu-prepare: setup
+	bash scripts/gpu_prepare.sh
+
+gpu-check:
+	bash scripts/gpu_check.sh $(ARGS)
