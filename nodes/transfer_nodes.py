@@ -144,12 +144,13 @@ class LoadSourceLoRA:
         lora = read_lora(self._path(lora_name, lora_path))
         lora = on_engine_device(_scaled(lora, strength))
         tags = lora.metadata.get("ss_tag_frequency", "")
-        summary = (f"{os.path.basename(lora.source_path or lora_name)}: {lora.source_format}, architecture "
-                   f"{lora.architecture}, {len(lora.unet_keys())} UNet + {len(lora.text_keys())} text-encoder layers"
-                   + (", trigger words kept" if tags else ""))
-        return {"ui": {"lorax": [{"verdict": "good" if lora.architecture == "sd1" else "weak",
-                                  "lines": [summary[:80]]}]},
-                "result": (lora, summary)}
+        # short lines for the node (the canvas does not wrap); the summary output joins them
+        lines = [os.path.basename(lora.source_path or lora_name),
+                 f"{lora.source_format}, architecture {lora.architecture}",
+                 f"{len(lora.unet_keys())} UNet + {len(lora.text_keys())} text-encoder layers"
+                 + (", trigger words kept" if tags else "")]
+        return {"ui": {"lorax": [{"verdict": "good" if lora.architecture == "sd1" else "weak", "lines": lines}]},
+                "result": (lora, "; ".join(lines))}
 
 
 class SubspaceSimilarity:

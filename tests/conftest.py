@@ -21,6 +21,12 @@ def comfy():
 
 
 @pytest.fixture(scope="session")
+def pack(comfy):
+    """This pack imported in-process as ComfyUI imports a custom-node folder (``.NODE_CLASS_MAPPINGS``...)."""
+    return comfy_harness.load_pack()
+
+
+@pytest.fixture(scope="session")
 def zoo():
     """The ``lorax_zoo`` module; checkpoints are cached in $LORAX_ZOO_DIR or <repo>/.cache/zoo."""
     import lorax_zoo

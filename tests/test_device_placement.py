@@ -144,12 +144,6 @@ def test_cli_device_defaults_to_the_gpu_when_there_is_one():
 # ------------------------------------------------------------------------------------------------ nodes
 
 @pytest.fixture(scope="module")
-def pack(comfy):
-    import comfy_harness
-    return comfy_harness.load_pack()
-
-
-@pytest.fixture(scope="module")
 def bridge(pack):
     return sys.modules[f"{pack.__name__}.nodes.comfy_bridge"]
 

@@ -108,10 +108,13 @@ def test_cross_attention_kv_slot_scores_and_projection_against_float64(kind):
     assert applied.similarity["score"] == pytest.approx(score, abs=SCORE_TOL)
     assert _rel(out.layers[KV_KEY].delta().double(), expected) <= DELTA_TOL
     assert 0.0 < applied.similarity["slot_share_v"] < 1.0
-    if kind == "unrelated":
-        assert abs(applied.similarity["score_v"]) < 0.05        # chance within the slot, not +0.27
+    # chance within the slot, not +0.27; related slots clearly above it (how far depends on how much of the
+    # target's input subspace lies in the slot: the other 1280 columns are an unrelated weight here)
+    floor = {"unrelated": None, "partial_overlap": 0.1, "identical": 0.4}[kind]
+    if floor is None:
+        assert abs(applied.similarity["score_v"]) < 0.05
     else:
-        assert applied.similarity["score_v"] > 0.4
+        assert applied.similarity["score_v"] > floor
 
 
 def test_a_pair_where_rank_covers_both_widths_is_flagged_unscored():

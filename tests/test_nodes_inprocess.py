@@ -4,18 +4,12 @@ from __future__ import annotations
 
 import hashlib
 
-import comfy_harness
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
 STRENGTH = 0.8
-
-
-@pytest.fixture(scope="module")
-def pack(comfy):
-    return comfy_harness.load_pack()
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import time
 
-import comfy_harness
 import pytest
 import torch
 
@@ -19,11 +18,6 @@ from lorax_engine.projection.transfer import TransferOptions, transfer
 SD15_NAME = "v1-5-pruned-emaonly.safetensors"
 LORA_NAME = "my_sd15_style_lora.safetensors"
 OPTIONS = {"rank": 64, "threshold": -1.0, "policy": "best", "method": "fast"}   # the tiny zoo scores near chance
-
-
-@pytest.fixture(scope="module")
-def pack(comfy):
-    return comfy_harness.load_pack()
 
 
 @pytest.fixture(scope="module")

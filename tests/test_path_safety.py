@@ -5,16 +5,10 @@ from __future__ import annotations
 
 import os
 
-import comfy_harness
 import pytest
 import torch
 
 REFUSAL = "lora_path: only files inside ComfyUI's models/loras folders can be read"
-
-
-@pytest.fixture(scope="module")
-def pack(comfy):
-    return comfy_harness.load_pack()
 
 
 @pytest.fixture

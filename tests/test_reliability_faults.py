@@ -243,10 +243,10 @@ def test_save_node_reports_a_full_disk(comfy, tmp_path, monkeypatch, reference):
     _inject(monkeypatch, "loras", "save_file", OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
     node = pack.NODE_CLASS_MAPPINGS["LoRAX_SaveLoRA"]()
     with pytest.raises(Exception) as info:
-        node.save(projected_lora=lora, filename="full_disk", save_to="output/loras")
+        node.save(projected_lora=lora, filename_prefix="loras/full_disk", save_to="output")
     assert type(info.value).__name__ == "NodeError"
     folder = tmp_path / "loras"
-    assert str(info.value) == f"{folder / 'full_disk.safetensors'}: cannot be written (No space left on device)"
+    assert str(info.value) == f"{folder / 'full_disk_00001_.safetensors'}: cannot be written (No space left on device)"
     assert list(folder.iterdir()) == []
 
 

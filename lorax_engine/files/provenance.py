@@ -45,7 +45,7 @@ def file_sha256(path, memo_dir=None) -> str:
         return digest
     memo_path = None
     if memo_dir is not None:
-        memo_path = Path(memo_dir) / f"sha256-{hashlib.sha256(stamp[0].encode()).hexdigest()[:32]}.json"
+        memo_path = Path(memo_dir) / f"sha256-{hashlib.sha256(os.fsencode(stamp[0])).hexdigest()[:32]}.json"
         try:
             data = json.loads(memo_path.read_text())
             if data.get("stat") == list(stamp):
@@ -87,7 +87,9 @@ def source_provenance(*, lora_path=None, source_model=None, target_model=None, m
         if path is None:
             out[f"lorax.{role}"] = UNKNOWN_MODEL if role != "source_lora" else "unknown"
             continue
-        out[f"lorax.{role}"] = os.path.basename(os.fspath(path))
+        # metadata is UTF-8: a file name whose bytes are not (lone surrogates on Linux) is kept escaped
+        name = os.path.basename(os.fspath(path))
+        out[f"lorax.{role}"] = name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
         out[f"lorax.{role}_sha256"] = file_sha256(path, memo_dir)
     return out
 
