@@ -289,7 +289,7 @@ def _files(folder, pattern="*"):
 
 def _expected(zoo, lora_path, rank, method):
     """The engine's own transfer of the file, in-process, without any cache."""
-    options = TransferOptions(rank=rank, method=method, threshold=-1.0, policy="best")
+    options = TransferOptions(rank=rank, method=method, threshold=-1.0, policy="best", mode="subspace")  # as the prompt
     with CheckpointWeights(zoo.checkpoint(bad.SOURCE_MODEL)) as source, \
             CheckpointWeights(zoo.checkpoint(bad.TARGET_MODEL)) as target:
         result, _ = transfer(read_lora(lora_path), source, target, options, cache=SubspaceCache())
