@@ -316,7 +316,7 @@ def main(argv=None) -> int:
 
     if "trained" not in skip:
         say("fast and exact vs float64 on trained-looking layer pairs")
-        trained = trained_accuracy(**({"shapes": ((640, 640),), "conds": (1e4,)} if args.quick else {}))
+        trained = trained_accuracy(**({"shapes": ((640, 640),), "spectra": ((0.2, 1e4),)} if args.quick else {}))
         print(trained_table(trained), flush=True)
         result.update(trained_max_score_err=trained["max_score_err"], trained_max_dw_err=trained["max_dw_err"],
                       trained_flips=trained["flips"], trained_rows=trained["rows"])

@@ -182,3 +182,24 @@ def test_several_source_blocks_on_one_target_block_are_noted_and_counted():
                                   cache=SubspaceCache())
     _, rep = project(single, smap, TransferOptions(rank=32, method="exact", policy="spread", threshold=-math.inf))
     assert (rep.layers[0].targets_received, rep.layers[0].total_strength) == (2, pytest.approx(1.0))
+
+
+def test_scores_of_applied_pairs_are_computed_once_per_cache(monkeypatch):
+    """Applied pairs are rescored on the projection bases; a second transfer through the same cache (warm runs,
+    batch) reads those scores back instead of computing them again."""
+    import lorax_engine.projection.transfer as transfer_module
+
+    source, target, src = _block_models()
+    g = torch.Generator().manual_seed(4)
+    lora = LoraModel({k: LoraLayer(torch.randn(256, 2, generator=g), torch.randn(2, 256, generator=g), 2.0,
+                                   (256, 256)) for k in source.keys()}, "sd1")
+    options, cache = TransferOptions(rank=32, threshold=-math.inf), SubspaceCache()
+    first, _ = transfer(lora, source, target, options, cache=cache)
+    calls = []
+    real = transfer_module.layer_similarity
+    monkeypatch.setattr(transfer_module, "layer_similarity", lambda *a: calls.append(a) or real(*a))
+    again, report = transfer(lora, source, target, options, cache=cache)
+    assert calls == [] and sorted(again.layers) == sorted(first.layers)
+    for key, layer in again.layers.items():
+        torch.testing.assert_close(layer.delta(), first.layers[key].delta())
+    assert all(c.similarity["estimate"] is False for r in report.layers for c in r.candidates if c.applied)

@@ -524,6 +524,11 @@ def project(lora: LoraModel, subspace_map: SubspaceMap, options: TransferOptions
     bases = (cache.get_many(target, order, proj_spec, opts.device) if opts.mode != "direct"
              else ((t, None) for t in order))
     off_estimates = 0
+    # applied pairs are scored on the projection bases; those scores are kept with the screening ones, so a warm
+    # or batch run computes neither again
+    if cache.pairs is None:
+        cache.pairs = PairStore(cache.directory)
+    store, proj_id = cache.pairs, f"v{ALGORITHM_VERSION}|{proj_spec.describe()}"
     with closing(bases):
         for t, basis_t in bases:
             shape = tuple(target.shape(t))
@@ -532,8 +537,14 @@ def project(lora: LoraModel, subspace_map: SubspaceMap, options: TransferOptions
                 layer, c = lora.layers[s], cand_records[(s, t)]
                 sim, basis_s = smap.entries[s].similarities.get(t), None
                 if opts.mode != "direct" and not sim.identical:
-                    basis_s = cache.get(source, s, proj_spec, opts.device)
-                    exact = layer_similarity(basis_s, basis_t)
+                    if opts.mode != "subspace":        # the side-wise operator needs the source's subspaces
+                        basis_s = cache.get(source, s, proj_spec, opts.device)
+                    fp_s, fp_t = source.fingerprint(s), target.fingerprint(t)
+                    exact = store.get(fp_s, fp_t, proj_id)
+                    if exact is None:
+                        basis_s = basis_s or cache.get(source, s, proj_spec, opts.device)
+                        exact = layer_similarity(basis_s, basis_t)
+                        store.put(fp_s, fp_t, proj_id, exact)
                     if sim.estimate and abs(exact.score - sim.score) > ESTIMATE_TOLERANCE:
                         off_estimates += 1
                         c.estimate_error = exact.score - sim.score
@@ -551,6 +562,7 @@ def project(lora: LoraModel, subspace_map: SubspaceMap, options: TransferOptions
                                         combined.energy()))
             tick()
 
+    store.flush()
     for rec in records.values():
         applied = [c for c in rec.candidates if c.applied]
         kept = [c.energy_kept for c in applied if c.energy_kept is not None]
