@@ -187,7 +187,7 @@ class ComfyServer:
         self.process: subprocess.Popen | None = None
 
     # -- lifecycle
-    def start(self, timeout: float = 180.0) -> "ComfyServer":
+    def start(self, timeout: float = 180.0) -> ComfyServer:
         for sub in ("models/checkpoints", "models/loras", "custom_nodes", "input", "output", "temp", "user"):
             (self.base_dir / sub).mkdir(parents=True, exist_ok=True)
         link = self.base_dir / "custom_nodes" / PACK_DIR_NAME

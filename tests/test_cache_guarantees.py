@@ -30,7 +30,7 @@ def _matrix(seed, shape=(48, 40)):
 
 
 def _checkpoint(path, seeds):
-    save_file({f"model.{k}": _matrix(s).half() for k, s in zip(KEYS, seeds)}, str(path))
+    save_file({f"model.{k}": _matrix(s).half() for k, s in zip(KEYS, seeds, strict=True)}, str(path))
     return path
 
 

@@ -78,8 +78,8 @@ def test_diffusers_mapping_agrees_with_comfyui_unet_to_diffusers(comfy, zoo, nam
     theirs = comfy.utils.unet_to_diffusers(comfy_cfg)
     real = _unet_weights(zoo, name)
     mine = unet_layout(cfg).from_diffusers
-    existing = {d[:-len(".weight")]: l[:-len(".weight")] for d, l in theirs.items()
-                if d.endswith(".weight") and f"diffusion_model.{l}" in real}
+    existing = {d[:-len(".weight")]: ldm[:-len(".weight")] for d, ldm in theirs.items()
+                if d.endswith(".weight") and f"diffusion_model.{ldm}" in real}
     assert mine == existing
 
 

@@ -2,7 +2,6 @@
 checkpoints that ComfyUI detects as SD15 and SDXL."""
 from __future__ import annotations
 
-import copy
 import json
 
 import pytest
@@ -39,7 +38,10 @@ def test_ui_workflow_matches_its_api_twin(server, path):
     object_info = server.object_info()
     ui = json.loads(path.read_text())
     assert all(node["type"] in object_info for node in ui["nodes"])
-    strip = lambda api: {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in api.items()}
+
+    def strip(api):
+        return {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in api.items()}
+
     assert strip(ui_to_api(ui, object_info)) == strip(_api(path.stem))
 
 

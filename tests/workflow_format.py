@@ -81,7 +81,7 @@ def api_to_ui(api: dict, object_info: dict) -> dict:
     out_links: dict[tuple[str, int], list[int]] = {}
     order = sorted(api, key=lambda n: (depth[n], int(n)))
     for nid in order:
-        for name, value in api[nid]["inputs"].items():
+        for value in api[nid]["inputs"].values():
             if isinstance(value, list) and len(value) == 2 and isinstance(value[0], str):
                 out_links.setdefault((value[0], value[1]), [])
     link_ids: dict[tuple[str, str], int] = {}
@@ -113,7 +113,7 @@ def api_to_ui(api: dict, object_info: dict) -> dict:
             elif not _is_widget(type_, opts):
                 inputs.append({"name": name, "type": type_, "link": None})
         outputs = []
-        for slot, (type_, name) in enumerate(zip(info["output"], info.get("output_name", info["output"]))):
+        for slot, (type_, name) in enumerate(zip(info["output"], info.get("output_name", info["output"]), strict=True)):
             outputs.append({"name": name, "type": type_, "links": out_links.get((nid, slot), []),
                             "slot_index": slot})
         col = depth[nid]

@@ -6,8 +6,9 @@ names and shapes of the tensors, and always returns a short human-readable reaso
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Callable, Iterable, Mapping, NamedTuple, Sequence
+from typing import NamedTuple
 
 ARCHITECTURES = ("sd1", "sdxl")
 

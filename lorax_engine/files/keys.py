@@ -53,7 +53,7 @@ def _walk_unet(cfg: UNetConfig):
 
     def resnet(ldm, dif, c_in, c_out):
         shapes = ((c_in,), (c_out, c_in, 3, 3), (c_out, temb), (c_out,), (c_out, c_out, 3, 3))
-        for (a, b), shape in zip(_RESNET, shapes):
+        for (a, b), shape in zip(_RESNET, shapes, strict=True):
             yield f"{ldm}.{a}", f"{dif}.{b}", shape
         if c_in != c_out:   # only then does the block need a 1x1 conv on its shortcut
             yield f"{ldm}.{_SKIP[0]}", f"{dif}.{_SKIP[1]}", (c_out, c_in, 1, 1)
@@ -66,7 +66,7 @@ def _walk_unet(cfg: UNetConfig):
         shapes = ((c,), (c,), (c,), (c, c), (c, c), (c, c), (c, c), (c, c), (c, ctx), (c, ctx), (c, c),
                   (8 * c, c), (c, 4 * c))   # GEGLU: ff.net.0.proj outputs 2 x (4c)
         for t in range(depth):
-            for m, shape in zip(_TRANSFORMER_BLOCK, shapes):
+            for m, shape in zip(_TRANSFORMER_BLOCK, shapes, strict=True):
                 yield f"{ldm}.transformer_blocks.{t}.{m}", f"{dif}.transformer_blocks.{t}.{m}", shape
         yield f"{ldm}.proj_out", f"{dif}.proj_out", proj
 
@@ -278,7 +278,7 @@ def module_to_canonical(module: str, architecture: str) -> str | None:
             path = path[len(prefix):]
             component = _DOTTED_PREFIXES[prefix] or component
         if component == "comfy-text":
-            for enc, pre in TEXT_ENCODER_PREFIXES.items():
+            for pre in TEXT_ENCODER_PREFIXES.values():
                 if path.startswith(pre) and TEXT_MODULE.fullmatch(path[len(pre):]):
                     return f"{path}.weight"
             return None

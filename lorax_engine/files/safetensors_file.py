@@ -154,7 +154,7 @@ class SafetensorsFile:
             self._fail(f"truncated: header says {declared} bytes of tensor data but the file holds {data_size} "
                        "— the download is probably incomplete")
         spans = sorted((e[2], e[3], k) for k, e in entries.items() if e[3] > e[2])
-        for (b0, e0, k0), (b1, e1, k1) in zip(spans, spans[1:]):
+        for (_, e0, k0), (b1, _, k1) in zip(spans, spans[1:], strict=False):
             if b1 < e0:
                 self._fail(f"corrupt safetensors header: tensors {k0!r} and {k1!r} overlap in the data buffer")
         return entries, dict(metadata), 8 + n
@@ -184,7 +184,7 @@ class SafetensorsFile:
         return dtype, tuple(shape), begin, end
 
     # -- access -----------------------------------------------------------------------------------
-    def __enter__(self) -> "SafetensorsFile":
+    def __enter__(self) -> SafetensorsFile:
         return self
 
     def __exit__(self, *exc):

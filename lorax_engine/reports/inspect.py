@@ -122,10 +122,11 @@ def format_report(r: dict) -> str:
     ]
     for g in r["stages"]:
         if "level" in g:
-            where = f"{g['section']:<14} level {g['level']} {'(%d ch)' % g['channels']:<10} " \
+            channels = f"({g['channels']} ch)"
+            where = f"{g['section']:<14} level {g['level']} {channels:<10} " \
                     f"blocks {','.join(map(str, g['blocks']))}"
         elif "channels" in g:
-            where = f"{g['section']:<14} {'(%d ch)' % g['channels']}"
+            where = f"{g['section']:<14} ({g['channels']} ch)"
         else:
             where = f"{g['section']:<14} {g['name']}"
         lines.append(f"  {where:<52} {g['layers']:>5}")
