@@ -144,13 +144,14 @@ class LoadSourceLoRA:
         lora = read_lora(self._path(lora_name, lora_path))
         lora = on_engine_device(_scaled(lora, strength))
         tags = lora.metadata.get("ss_tag_frequency", "")
-        # short lines for the node (the canvas does not wrap); the summary output joins them
-        lines = [os.path.basename(lora.source_path or lora_name),
-                 f"{lora.source_format}, architecture {lora.architecture}",
-                 f"{len(lora.unet_keys())} UNet + {len(lora.text_keys())} text-encoder layers"
-                 + (", trigger words kept" if tags else "")]
-        return {"ui": {"lorax": [{"verdict": "good" if lora.architecture == "sd1" else "weak", "lines": lines}]},
-                "result": (lora, "; ".join(lines))}
+        # short lines for the node (the canvas does not wrap); the summary output is one line
+        name, kind = os.path.basename(lora.source_path or lora_name), f"{lora.source_format}, architecture " \
+            f"{lora.architecture}"
+        layers = f"{len(lora.unet_keys())} UNet + {len(lora.text_keys())} text-encoder layers" + (
+            ", trigger words kept" if tags else "")
+        return {"ui": {"lorax": [{"verdict": "good" if lora.architecture == "sd1" else "weak",
+                                  "lines": [name, kind, layers]}]},
+                "result": (lora, f"{name}: {kind}, {layers}")}
 
 
 class SubspaceSimilarity:
