@@ -140,6 +140,21 @@ class ComfyLogCapture(logging.Handler):
         self.records.clear()
 
 
+def patched_weights(comfy, patcher, module=None) -> dict:
+    """The weights the sampler sees: ``patcher`` loaded the way ComfyUI's executor loads a patched model, the
+    state of ``module`` (default: its UNet) copied as float32, then unloaded again (with ``free_memory``:
+    ``unload_all_models`` would also empty the pack's caches)."""
+    import torch
+
+    with torch.inference_mode():
+        comfy.model_management.load_models_gpu([patcher], force_full_load=True)
+        try:
+            module = patcher.model.diffusion_model if module is None else module
+            return {k: v.detach().float().clone() for k, v in module.state_dict().items()}
+        finally:
+            comfy.model_management.free_memory(1e30, comfy.model_management.get_torch_device())
+
+
 def lora_keys_not_loaded(log_text: str) -> list[str]:
     return _NOT_LOADED.findall(log_text)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import sys
 from types import SimpleNamespace
 
+import comfy_harness
 import pytest
 import torch
 from inprocess_workflow import place_model_files, run_nodes
@@ -191,12 +192,7 @@ def test_node_chain_on_a_device_the_engine_cannot_use_falls_back_to_the_cpu(comf
     assert smap.options.device == "cpu"
     assert projected.layers and all(e.energies for e in smap.entries.values() if e.candidates.targets)
     patched = out["7"][0]
-    with torch.inference_mode():
-        comfy.model_management.load_models_gpu([patched], force_full_load=True)
-        try:
-            after = {k: v.detach().float().clone() for k, v in patched.model.diffusion_model.state_dict().items()}
-        finally:
-            comfy.model_management.unload_all_models()
+    after = comfy_harness.patched_weights(comfy, patched)
     base = models["2"][0].model.diffusion_model.state_dict()
     for key, layer in projected.layers.items():
         short = key[len("diffusion_model."):]

@@ -45,23 +45,14 @@ def test_tiny_checkpoints_are_detected_like_the_real_models(comfy, zoo, comfy_lo
                                rtol=0, atol=0)
 
 
-def _patched_state(comfy, patcher, module):
-    """The weights the sampler would see: loaded the way ComfyUI's executor loads a patched model."""
-    comfy.model_management.load_models_gpu([patcher], force_full_load=True)
-    try:
-        return {k: v.detach().float().clone() for k, v in module.state_dict().items()}
-    finally:
-        comfy.model_management.unload_all_models()
-
-
 def test_load_lora_for_models_patches_w0_plus_scaled_delta(comfy, zoo, sd15_lora, comfy_logs):
     lora_sd = load_file(str(sd15_lora))
     with torch.inference_mode():
         model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(str(zoo.checkpoint("tiny_sd15")),
                                                                   output_vae=False, output_clip=True)
         new_model, new_clip = comfy.sd.load_lora_for_models(model, clip, lora_sd, STRENGTH_MODEL, STRENGTH_CLIP)
-        unet = _patched_state(comfy, new_model, new_model.model.diffusion_model)
-        text = _patched_state(comfy, new_clip.patcher, new_clip.cond_stage_model)
+        unet = comfy_harness.patched_weights(comfy, new_model, new_model.model.diffusion_model)
+        text = comfy_harness.patched_weights(comfy, new_clip.patcher, new_clip.cond_stage_model)
         text_dtype = new_clip.cond_stage_model.clip_l.transformer.text_model.encoder.layers[0].mlp.fc1.weight.dtype
 
     # expected values from the zoo's own W0 and the LoRA file, independently of ComfyUI

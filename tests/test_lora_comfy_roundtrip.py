@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import re
 
+import comfy_harness
 import lora_factory as lf
 import pytest
 import torch
@@ -62,13 +63,9 @@ def _text_targets(zoo, encoders):
 
 
 def _patched(comfy, patcher, keys):
-    """The listed weights as the sampler sees them: the patcher loaded the way ComfyUI's executor loads it."""
-    comfy.model_management.load_models_gpu([patcher], force_full_load=True)
-    try:
-        state = patcher.model.state_dict()
-        return {k: state[k].detach().float().clone() for k in keys}
-    finally:
-        comfy.model_management.unload_all_models()
+    """The listed weights as the sampler sees them."""
+    state = comfy_harness.patched_weights(comfy, patcher, patcher.model)
+    return {k: state[k] for k in keys}
 
 
 def _check(patched, w0, lora, strength, dtype):

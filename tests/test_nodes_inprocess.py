@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 
+import comfy_harness
 import pytest
 import torch
 from safetensors import safe_open
@@ -61,12 +62,7 @@ def test_nodes_transfer_and_apply_like_the_stock_loader(comfy, pack, models, lor
     (patched, _), _ = _run(nodes["LoRAX_ApplyToSDXL"], model=sdxl, clip=None, projected_lora=projected,
                            strength_model=STRENGTH, strength_clip=STRENGTH)
     assert comfy_logs.lora_keys_not_loaded() == []
-    with torch.inference_mode():
-        comfy.model_management.load_models_gpu([patched], force_full_load=True)
-        try:
-            after = {k: v.detach().float().clone() for k, v in patched.model.diffusion_model.state_dict().items()}
-        finally:
-            comfy.model_management.unload_all_models()
+    after = comfy_harness.patched_weights(comfy, patched)
     for key, layer in projected.layers.items():
         short = key[len("diffusion_model."):]
         w0 = sdxl.model.diffusion_model.state_dict()[short].float()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import time
 
+import comfy_harness
 import pytest
 import torch
 
@@ -53,15 +54,6 @@ def _load(pack, model, strength_model, mode=None, **extra):
     return out["result"], out["ui"]["lorax"][0]
 
 
-def _patched_unet(comfy, patched) -> dict[str, torch.Tensor]:
-    with torch.inference_mode():
-        comfy.model_management.load_models_gpu([patched], force_full_load=True)
-        try:
-            return {k: v.detach().float().clone() for k, v in patched.model.diffusion_model.state_dict().items()}
-        finally:   # what unload_all_models does, without emptying the pack's caches as that also does
-            comfy.model_management.free_memory(1e30, comfy.model_management.get_torch_device())
-
-
 def test_one_node_loader_patches_the_engine_transfer_and_reuses_it(comfy, zoo, pack, sdxl, folders, comfy_logs):
     memo = pack.nodes.transfer_nodes.projected_memo
     cache = pack.nodes.comfy_bridge.subspace_cache()
@@ -82,7 +74,7 @@ def test_one_node_loader_patches_the_engine_transfer_and_reuses_it(comfy, zoo, p
                                cache=SubspaceCache())
     unet_layers = {k: v for k, v in expected.layers.items() if k.startswith("diffusion_model.")}
     assert unet_layers
-    after = _patched_unet(comfy, patched)
+    after = comfy_harness.patched_weights(comfy, patched)
     base = sdxl.model.diffusion_model.state_dict()
     for key, layer in unet_layers.items():
         short = key[len("diffusion_model."):]
@@ -104,7 +96,7 @@ def test_one_node_loader_patches_the_engine_transfer_and_reuses_it(comfy, zoo, p
     (patched3, _, report3), ui3 = _load(pack, sdxl, 0.3)
     third = time.perf_counter() - t0
     assert memo.hits == hits + 1 and ui3["reused"] and cache.stats.as_dict() == stats and report3 == report2
-    after3 = _patched_unet(comfy, patched3)
+    after3 = comfy_harness.patched_weights(comfy, patched3)
     for key, layer in unet_layers.items():
         short = key[len("diffusion_model."):]
         w0 = base[short].float()
