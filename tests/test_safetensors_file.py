@@ -172,3 +172,18 @@ def test_unknown_extension(tmp_path):
     path.write_bytes(b"GGUF....")
     with pytest.raises(LoraFileError, match=r"unknown file type '\.gguf'"):
         load_state_dict_file(path)
+
+
+def test_threads_reading_one_file_at_once_each_get_their_own_tensor(tmp_path):
+    """Weights are hashed by several threads at once through one open file: no read may see another's offset."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {f"t{i}": torch.randn(257 + i, 129, generator=g) for i in range(16)}
+    path = tmp_path / "many.safetensors"
+    save_file(tensors, str(path))
+    with SafetensorsFile(path) as f, ThreadPoolExecutor(8) as pool:
+        for _ in range(5):
+            keys = list(tensors) * 3
+            for key, t in zip(keys, pool.map(f.get, keys), strict=True):
+                assert torch.equal(t, tensors[key]), key

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import stat
+import threading
 from pathlib import Path
 
 import torch
@@ -91,6 +93,7 @@ class SafetensorsFile:
         self.path = Path(path)
         self._file_size = check_regular_file(self.path)
         self._fh = open(self.path, "rb")
+        self._seek_lock = threading.Lock()
         try:
             self._entries, self.metadata, self._data_start = self._read_header()
         except BaseException:
@@ -217,12 +220,23 @@ class SafetensorsFile:
     def _read(self, begin: int, nbytes: int, dtype: torch.dtype, shape) -> torch.Tensor:
         if nbytes == 0:
             return torch.empty(shape, dtype=dtype)
-        buf = torch.empty(nbytes, dtype=torch.uint8)    # not zero-filled: readinto overwrites it all
-        self._fh.seek(self._data_start + begin)
-        got = self._fh.readinto(buf.numpy())
-        if got != nbytes:
-            self._fail(f"truncated while reading tensor data (wanted {nbytes} bytes, got {got})")
+        buf = torch.empty(nbytes, dtype=torch.uint8)    # not zero-filled: the reads overwrite it all
+        view, offset, got = memoryview(buf.numpy()), self._data_start + begin, 0
+        while got < nbytes:
+            n = self._read_at(view[got:], offset + got)
+            if n <= 0:
+                self._fail(f"truncated while reading tensor data (wanted {nbytes} bytes, got {got})")
+            got += n
         return buf.view(dtype).reshape(shape)
+
+    def _read_at(self, view: memoryview, offset: int) -> int:
+        """Read into ``view`` from ``offset``; safe from several threads at once (fingerprints are hashed in
+        parallel). Positional reads share no file offset; Windows has none, so there a lock guards the seek."""
+        if hasattr(os, "preadv"):
+            return os.preadv(self._fh.fileno(), [view], offset)     # one call may return less (Linux: <= 2 GiB)
+        with self._seek_lock:
+            self._fh.seek(offset)
+            return self._fh.readinto(view)
 
     def get(self, key, device="cpu") -> torch.Tensor:
         """The tensor ``key``, read from disk now (only its own bytes)."""
