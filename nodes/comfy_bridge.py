@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import os
 import re
+import threading
 import weakref
 
 import comfy.model_base
@@ -238,14 +239,22 @@ class _Fingerprints:
 
     def __init__(self):
         self._memo: dict[int, tuple[weakref.ref, object, str]] = {}
+        self._lock = threading.Lock()      # the engine hashes in parallel threads
+        self._pruned_size = 0
+
+    def known(self, t: torch.Tensor) -> bool:
+        memo = self._memo.get(id(t))
+        return memo is not None and memo[0]() is t and memo[1] == _version(t)
 
     def __call__(self, t: torch.Tensor) -> str:
-        memo = self._memo.get(id(t))
-        if memo is not None and memo[0]() is t and memo[1] == _version(t):
-            return memo[2]
+        if self.known(t):
+            return self._memo[id(t)][2]
         fp = tensor_fingerprint(t)
-        self._memo = {k: v for k, v in self._memo.items() if v[0]() is not None}
-        self._memo[id(t)] = (weakref.ref(t), _version(t), fp)
+        with self._lock:
+            if len(self._memo) > 2 * self._pruned_size:     # drop dead tensors now and then, not on every call
+                self._memo = {k: v for k, v in self._memo.items() if v[0]() is not None}
+                self._pruned_size = len(self._memo)
+            self._memo[id(t)] = (weakref.ref(t), _version(t), fp)
         return fp
 
 
@@ -291,3 +300,7 @@ class PatcherWeights:
 
     def fingerprint(self, key: str) -> str:
         return _fingerprints(self._weights[key][0])
+
+    def missing_fingerprints(self, keys) -> list[str]:
+        """Those of ``keys`` whose tensor has not been hashed (the engine hashes them in parallel threads)."""
+        return [k for k in dict.fromkeys(keys) if not _fingerprints.known(self._weights[k][0])]

@@ -64,7 +64,7 @@ from ..analysis.subspaces import (
     matrix_shape,
 )
 from ..errors import IncompatibleLoraError, LoraXError, TransferOptionError
-from ..files.base_weights import tensor_fingerprint
+from ..files.base_weights import prefetch_fingerprints, tensor_fingerprint
 from ..files.lora import LoraLayer, LoraModel
 from ..reports.report import IDENTITY_OPERATOR, CandidateRecord, LayerRecord, Report, TargetRecord
 from .operators import (
@@ -255,9 +255,10 @@ def _score(smap: SubspaceMap, keys: list[str], lora: LoraModel | None, progress:
     """Similarities (and, with a LoRA, screening energies) for ``keys``, stage by stage."""
     spec = smap.options.screening_spec()
     spec_id = f"v{ALGORITHM_VERSION}|{spec.describe()}"
-    # fast screening computes its r x r overlaps in bfloat16 where this CPU multiplies it natively (the bases
-    # live on the CPU even when --device cuda computed them)
-    product_dtype = getattr(torch, fast_sketch_dtype("cpu")) if spec.method == "randomized" else torch.float32
+    # fast screening computes its r x r overlaps on the transfer's device, in bfloat16 where it multiplies that
+    # natively (the cache hands bases out on the CPU: they are placed once per stage and target)
+    device = smap.options.device
+    product_dtype = getattr(torch, fast_sketch_dtype(device)) if spec.method == "randomized" else torch.float32
     if smap.cache.pairs is None:
         smap.cache.pairs = PairStore(smap.cache.directory)
     store = smap.cache.pairs
@@ -270,6 +271,10 @@ def _score(smap: SubspaceMap, keys: list[str], lora: LoraModel | None, progress:
             ref = entry.candidates.source
             stages.setdefault((ref.order[0], entry.candidates.stage), []).append(key)
 
+    # every weight is fingerprinted before its pairs are looked up: all at once, in parallel threads
+    prefetch_fingerprints(source, [k for keys_ in stages.values() for k in keys_])
+    prefetch_fingerprints(target, [t for keys_ in stages.values() for s in keys_
+                                   for t, _ in smap.entries[s].candidates.targets])
     plans = []     # (source keys needing bases, {target: [sources needing the pair]}, {target: [sources]})
     total = 0
     for stage in sorted(stages):
@@ -305,14 +310,14 @@ def _score(smap: SubspaceMap, keys: list[str], lora: LoraModel | None, progress:
     maybe_identical: list[tuple[str, str]] = []
     for sources_needed, need_pair, by_target in plans:
         src_screen = {}
-        with closing(cache.get_many(source, sources_needed, spec, smap.options.device)) as fetched:
+        with closing(cache.get_many(source, sources_needed, spec, device)) as fetched:
             for s, basis_s in fetched:
-                src_screen[s] = basis_s.to(product_dtype)
+                src_screen[s] = placed(basis_s, device).to(product_dtype)
                 tick()
         order = sorted(by_target, key=lambda k: parse_key(k).order)
-        with closing(cache.get_many(target, order, spec, smap.options.device)) as fetched:
+        with closing(cache.get_many(target, order, spec, device)) as fetched:
             for t, basis_t in fetched:
-                screen_t = basis_t.to(product_dtype)
+                screen_t = placed(basis_t, device).to(product_dtype)
                 fp_t = target.fingerprint(t)        # memoised: get_many has hashed it
                 energy_basis = None                 # basis_t on the LoRA's device, placed once for all its sources
                 for s in by_target[t]:
