@@ -20,6 +20,7 @@ from ..lorax_engine.files.provenance import (
     attach,
     file_stamp,
     format_provenance,
+    hash_ahead,
     source_provenance,
     write_lora_with_provenance,
 )
@@ -484,6 +485,7 @@ class LoadSD15LoRAIntoSDXL:
     def _transfer(lora_path, checkpoint_path, checkpoint_name, target, options, unique_id):
         cache = subspace_cache()
         lora = read_lora(lora_path).to(engine_device())
+        hash_ahead(lora_path, checkpoint_path, memo_dir=_memo_dir())
         with CheckpointWeights(checkpoint_path, fingerprint_dir=_memo_dir(), name=checkpoint_name) as source:
             result, report = transfer(lora, source, target, options, cache=cache, progress=ComfyProgress(unique_id),
                                       should_stop=stop_if_cancelled)

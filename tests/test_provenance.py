@@ -93,3 +93,23 @@ def test_source_provenance_names_unknown_models_honestly(tmp_path):
     assert prov == {"lorax.source_lora": "my lora.safetensors",
                     "lorax.source_lora_sha256": hashlib.sha256(b"lora bytes").hexdigest(),
                     "lorax.source_model": UNKNOWN_MODEL, "lorax.target_model": UNKNOWN_MODEL}
+
+
+def test_hash_ahead_hashes_each_file_once_in_the_background(tmp_path, monkeypatch):
+    """The CLI starts the checkpoints' sha256 when the transfer starts; provenance later waits for that result
+    instead of reading the file again, and a rewritten file is hashed anew."""
+    import lorax_engine.files.provenance as provenance
+
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(bytes(range(256)) * 40000)
+    calls = []
+    hash_now = provenance._hash_file_now
+    monkeypatch.setattr(provenance, "_hash_file_now", lambda stamp, memo_dir: calls.append(stamp) or
+                        hash_now(stamp, memo_dir))
+    provenance.hash_ahead(path, None, tmp_path / "missing.safetensors")
+    assert file_sha256(path) == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert file_sha256(path) == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert len(calls) == 1
+    path.write_bytes(b"other content")
+    provenance.hash_ahead(path)
+    assert file_sha256(path) == hashlib.sha256(b"other content").hexdigest() and len(calls) == 2

@@ -29,7 +29,7 @@ from ..errors import LoraXError, OutputPathError, TransferOptionError
 from ..files.base_weights import CheckpointWeights
 from ..files.lora_formats import read_lora
 from ..files.output_names import sanitize_stem, unique_output_path
-from ..files.provenance import attach, source_provenance, write_lora_with_provenance
+from ..files.provenance import attach, hash_ahead, source_provenance, write_lora_with_provenance
 from ..files.safetensors_file import PICKLE_SUFFIXES
 from ..projection.operators import DEFAULT_MODE, MODES
 from ..projection.transfer import TransferOptions, compute_similarity_map, transfer
@@ -239,6 +239,7 @@ def run_transfer(args) -> int:
     cache = _cache(args)
     lora = read_lora(args.lora)
     source, target = _open_models(args, cache)
+    hash_ahead(args.lora, args.source_model, args.target_model, memo_dir=_memo_dir(cache))
     bar = ProgressBar("transfer", not args.quiet)
     try:
         result, report = transfer(lora, source, target, options, cache=cache, progress=bar)
@@ -304,6 +305,7 @@ def run_batch(args) -> int:
                 raise OutputPathError(f"{folder}: cannot be created ({err.strerror or err})") from None
     cache = _cache(args)
     source, target = _open_models(args, cache)
+    hash_ahead(args.source_model, args.target_model, memo_dir=_memo_dir(cache))
     failures, written, start = [], set(), time.perf_counter()
     try:
         for i, path in enumerate(files, 1):
