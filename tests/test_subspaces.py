@@ -405,3 +405,47 @@ def test_a_weight_with_nan_is_a_clear_error_not_a_cached_basis(tmp_path):
     with pytest.raises(LoraFileError, match="broken.safetensors.*diffusion_model.x.weight holds NaN"):
         cache.get(weights, KEY, SPEC)
     assert not _entries(tmp_path)
+
+
+def test_a_sketch_tops_up_until_its_certificate_holds(monkeypatch):
+    """A zoo-like 1280 x 2048 weight (SDXL's cross-attention k/v) with bfloat16 products: the first look asks
+    for q = 4, the second for one more. The sketch keeps iterating (it used to stop after one top-up and
+    compute the Gram instead, for every such weight) and still captures all but SKETCH_TOLERANCE."""
+    import lorax_engine.analysis.subspaces as subspaces
+
+    looks = []
+    needed = subspaces._iterations_needed
+
+    def spy(ritz, rank, dim, rounding, done):
+        looks.append(done)
+        return needed(ritz, rank, dim, rounding, done)
+
+    monkeypatch.setattr(subspaces, "_iterations_needed", spy)
+    w = spectral_matrix(1280, 2048, _gen(21))
+    basis = compute_basis(w, SubspaceSpec(320, "randomized", sketch_dtype="bfloat16"))
+    assert basis.estimate and len(looks) >= 3 and looks == sorted(set(looks))
+    pu, pv, _ = _svd_projectors(w, 320)
+    for x, p, d in ((basis.u, pu, 1280), (basis.v, pv, 2048)):
+        assert float(torch.trace(_proj(x, d) @ p)) / 320 >= 1 - subspaces.SKETCH_TOLERANCE
+
+
+def test_fingerprints_hashed_in_threads_equal_the_serial_ones(tmp_path):
+    """prefetch_fingerprints hashes many weights of one file at once (positional reads, no shared offset)."""
+    from lorax_engine.files.base_weights import prefetch_fingerprints
+
+    g = _gen(5)
+    tensors = {f"model.diffusion_model.input_blocks.{i}.0.weight": torch.randn(64 + i, 32, generator=g).half()
+               for i in range(12)}
+    path = _write(tmp_path / "m.safetensors", tensors)
+    expected = {f"diffusion_model.input_blocks.{i}.0.weight": tensor_fingerprint(t)
+                for i, t in enumerate(tensors.values())}
+    with CheckpointWeights(path) as w:
+        prefetch_fingerprints(w, [*expected, *expected], workers=6)
+        assert w.missing_fingerprints(expected) == []
+        assert {k: w.fingerprint(k) for k in expected} == expected
+    state = StateDictWeights({k: t for k, t in zip(expected, tensors.values(), strict=True)}, architecture="sd1")
+    assert state.missing_fingerprints(expected) == list(expected)
+    prefetch_fingerprints(state, expected, workers=6)
+    assert state.missing_fingerprints(expected) == [] and {k: state.fingerprint(k) for k in expected} == expected
+    next(iter(state._tensors.values())).add_(1)          # written in place: hashed again
+    assert state.missing_fingerprints(expected) == [next(iter(expected))]
