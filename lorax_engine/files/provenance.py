@@ -17,7 +17,7 @@ import hashlib
 import json
 import os
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from pathlib import Path
 
 from ..atomic import write_text_atomic
@@ -31,7 +31,6 @@ _CHUNK = 1 << 20
 _memo: dict[tuple, str] = {}
 _pending: dict[tuple, Future] = {}      # hashes started by hash_ahead, by file stamp
 _pending_lock = threading.Lock()
-_hasher: ThreadPoolExecutor | None = None
 
 
 def file_stamp(path) -> tuple:
@@ -45,8 +44,9 @@ def file_stamp(path) -> tuple:
 def hash_ahead(*paths, memo_dir=None) -> None:
     """Start :func:`file_sha256` of ``paths`` (None skipped) in a background thread: provenance needs them only
     when the result is written, and one core hashes the ~9 GB of an SD1.5 + SDXL checkpoint pair in ~6 s,
-    which the transfer's own work now hides. A later :func:`file_sha256` of the same file waits for it."""
-    global _hasher
+    which the transfer's own work now hides. A later :func:`file_sha256` of the same file waits for it. The
+    thread is a daemon: a process that stops early (a bad input) does not wait for a hash nobody needs."""
+    jobs = []
     for path in paths:
         if path is None:
             continue
@@ -55,11 +55,22 @@ def hash_ahead(*paths, memo_dir=None) -> None:
         except OSError:
             continue                # the caller's own checks report a missing file
         with _pending_lock:
-            if stamp in _memo or stamp in _pending:
-                continue
-            if _hasher is None:
-                _hasher = ThreadPoolExecutor(1, thread_name_prefix="lorax-file-sha256")
-            _pending[stamp] = _hasher.submit(_hash_file, stamp, memo_dir)
+            if stamp not in _memo and stamp not in _pending:
+                _pending[stamp] = Future()
+                jobs.append((stamp, _pending[stamp]))
+    if jobs:
+        threading.Thread(target=_hash_pending, args=(jobs, memo_dir), name="lorax-file-sha256", daemon=True).start()
+
+
+def _hash_pending(jobs: list[tuple[tuple, Future]], memo_dir) -> None:
+    for stamp, future in jobs:
+        try:
+            future.set_result(_memo.get(stamp) or _hash_file_now(stamp, memo_dir))
+        except BaseException as err:    # handed to whoever waits for this file
+            future.set_exception(err)
+        finally:
+            with _pending_lock:
+                _pending.pop(stamp, None)
 
 
 def file_sha256(path, memo_dir=None) -> str:
@@ -72,15 +83,7 @@ def file_sha256(path, memo_dir=None) -> str:
         pending = _pending.get(stamp)
     if pending is not None:
         return pending.result()
-    return _hash_file(stamp, memo_dir)
-
-
-def _hash_file(stamp: tuple, memo_dir) -> str:
-    try:
-        return _memo.get(stamp) or _hash_file_now(stamp, memo_dir)
-    finally:
-        with _pending_lock:
-            _pending.pop(stamp, None)
+    return _hash_file_now(stamp, memo_dir)
 
 
 def _hash_file_now(stamp: tuple, memo_dir) -> str:
