@@ -68,13 +68,14 @@ def tensor_fingerprint(t: torch.Tensor) -> str:
 
 
 def prefetch_fingerprints(weights, keys, workers: int | None = None) -> None:
-    """Hash the ``keys`` of ``weights`` not yet fingerprinted, in parallel threads (default: one per core), so
-    that ``fingerprint`` then answers from the provider's memo. sha256 and the file reads release the GIL, so
-    the threads scale with the cores: the ~7 GB of an SD1.5 + SDXL pair took one thread ~5-12 s, 16 threads
-    0.5 s on the lent H200 machine. A provider without ``missing_fingerprints`` is hashed on demand."""
+    """Hash the ``keys`` of ``weights`` not yet fingerprinted, in parallel threads (default: one per core, at
+    most 16), so that ``fingerprint`` then answers from the provider's memo. sha256 and the file reads release the
+    GIL, so the threads scale with the cores: the ~7 GB of an SD1.5 + SDXL pair took one thread ~5-12 s, 16
+    threads 0.5 s on the lent H200 machine. A provider without ``missing_fingerprints`` is hashed on demand."""
     missing = getattr(weights, "missing_fingerprints", None)
     todo = missing(keys) if missing is not None else []
-    workers = min(len(todo), workers or os.cpu_count() or 1)
+    # at most 16 threads: each holds one weight (up to ~26 MB for SDXL's largest) while hashing it
+    workers = min(len(todo), workers or min(os.cpu_count() or 1, 16))
     if workers <= 1:
         for key in todo:
             weights.fingerprint(key)
