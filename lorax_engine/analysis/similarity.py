@@ -94,8 +94,10 @@ def _slot_side(xs: torch.Tensor | None, xt: torch.Tensor | None, dim_s: int, dim
     r_s = dim_s if xs is None else int(xs.shape[1])
     r_t = dim_t if xt is None else int(xt.shape[1])
     k = min(r_s, r_t)
-    device = xs.device if xt is None and xs is not None else (xt.device if xt is not None else "cpu")
-    slot = torch.eye(dim_t, dtype=torch.float64, device=device)[:dim_s] if xt is None else xt[:dim_s].double()
+    if xt is None:      # the whole target side: the slot is the first dim_s coordinates, on the source's device
+        slot = torch.eye(dim_t, dtype=torch.float64, device=xs.device if xs is not None else "cpu")[:dim_s]
+    else:
+        slot = xt[:dim_s].double()
     slot_energy = float(torch.sum(slot ** 2))
     share = slot_energy / r_t
     overlap = slot_energy if xs is None else float(torch.sum((xs.double().T @ slot) ** 2))

@@ -317,7 +317,8 @@ def _score(smap: SubspaceMap, keys: list[str], lora: LoraModel | None, progress:
         order = sorted(by_target, key=lambda k: parse_key(k).order)
         with closing(cache.get_many(target, order, spec, device)) as fetched:
             for t, basis_t in fetched:
-                screen_t = placed(basis_t, device).to(product_dtype)
+                on_device = placed(basis_t, device)
+                screen_t = on_device.to(product_dtype)
                 fp_t = target.fingerprint(t)        # memoised: get_many has hashed it
                 energy_basis = None                 # basis_t on the LoRA's device, placed once for all its sources
                 for s in by_target[t]:
@@ -332,10 +333,11 @@ def _score(smap: SubspaceMap, keys: list[str], lora: LoraModel | None, progress:
                         entry.similarities[t] = sim
                         store.put(fp_s, fp_t, spec_id, sim)
                     if lora is not None and t not in entry.energies:
-                        if energy_basis is None:
-                            energy_basis = placed(basis_t, lora.layers[s].up.device)
+                        if energy_basis is None:     # a GPU LoRA takes the copy already made for the products
+                            lora_device = lora.layers[s].up.device
+                            energy_basis = placed(on_device if lora_device.type != "cpu" else basis_t, lora_device)
                         entry.energies[t] = projected_energy(lora.layers[s], energy_basis)
-                del basis_t, screen_t, energy_basis
+                del basis_t, on_device, screen_t, energy_basis
                 tick()
         del src_screen
     # identity across storage precisions (SD1.5's fp32 CLIP-L vs SDXL's fp16 copy): compared on values, only for
