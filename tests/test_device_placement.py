@@ -129,8 +129,8 @@ def test_combined_updates_stay_on_the_loras_device():
 def test_a_cpu_lora_with_bases_elsewhere_lands_with_the_lora():
     """The other way round: bases on another device than the LoRA still give the LoRA's device."""
     layer = LoraLayer(torch.randn(320, RANK), torch.randn(RANK, 768), 8.0, (320, 768))
-    meta_target = operators.placed(_basis(320, 2048, seed=2), torch.device("meta"))
-    meta_source = operators.placed(_basis(320, 768), torch.device("meta"))
+    meta_target = _basis(320, 2048, seed=2).to(torch.device("meta"))
+    meta_source = _basis(320, 768).to(torch.device("meta"))
     with SameDevice():
         out = operators.project_sidewise(layer.to("meta"), meta_source, meta_target, (320, 2048), 0.5, 0.5)
     _assert_on_meta(out, 320, 2048)

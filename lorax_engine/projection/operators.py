@@ -30,8 +30,6 @@ from ``k x k`` products of the factors.
 """
 from __future__ import annotations
 
-from dataclasses import replace
-
 import torch
 
 from ..analysis.similarity import LayerSimilarity
@@ -90,12 +88,6 @@ def _with(basis_side: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | No
     return None if basis_side is None else basis_side.to(device=x.device, dtype=x.dtype)
 
 
-def placed(basis: Basis, device: torch.device) -> Basis:
-    """``basis`` with its sides on ``device``: placed once, then used for many factors."""
-    move = lambda t: None if t is None else t.to(device)  # noqa: E731
-    return replace(basis, u=move(basis.u), v=move(basis.v))
-
-
 def _left(u: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
     """P_U x (identity for a full side)."""
     u = _with(u, x)
@@ -151,7 +143,7 @@ def project_sidewise(layer: LoraLayer, source: Basis, target: Basis, target_shap
     """``T_U ΔW T_V^T`` (module docstring) as factors of the same rank and alpha."""
     width = target.shape[1]
     up, down = _factors(layer, width)
-    source, target = placed(source, up.device), placed(target, up.device)   # one copy each, not one per use
+    source, target = source.to(up.device), target.to(up.device)   # one copy each, not one per use
     b1 = _left(source.u, up)
     a1 = _right(down, _embedded_v(source, width, up.device))
     new_up, new_down = _left(target.u, b1), _right(a1, target.v)

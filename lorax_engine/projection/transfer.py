@@ -75,7 +75,6 @@ from .operators import (
     energy_fraction,
     pass_through,
     passes_through,
-    placed,
     project_sidewise,
     project_subspace,
     projected_energy,
@@ -312,12 +311,12 @@ def _score(smap: SubspaceMap, keys: list[str], lora: LoraModel | None, progress:
         src_screen = {}
         with closing(cache.get_many(source, sources_needed, spec, device)) as fetched:
             for s, basis_s in fetched:
-                src_screen[s] = placed(basis_s, device).to(product_dtype)
+                src_screen[s] = basis_s.to(device).to(product_dtype)
                 tick()
         order = sorted(by_target, key=lambda k: parse_key(k).order)
         with closing(cache.get_many(target, order, spec, device)) as fetched:
             for t, basis_t in fetched:
-                on_device = placed(basis_t, device)
+                on_device = basis_t.to(device)
                 screen_t = on_device.to(product_dtype)
                 fp_t = target.fingerprint(t)        # memoised: get_many has hashed it
                 energy_basis = None                 # basis_t on the LoRA's device, placed once for all its sources
@@ -335,7 +334,7 @@ def _score(smap: SubspaceMap, keys: list[str], lora: LoraModel | None, progress:
                     if lora is not None and t not in entry.energies:
                         if energy_basis is None:     # a GPU LoRA takes the copy already made for the products
                             lora_device = lora.layers[s].up.device
-                            energy_basis = placed(on_device if lora_device.type != "cpu" else basis_t, lora_device)
+                            energy_basis = (on_device if lora_device.type != "cpu" else basis_t).to(lora_device)
                         entry.energies[t] = projected_energy(lora.layers[s], energy_basis)
                 del basis_t, on_device, screen_t, energy_basis
                 tick()
