@@ -40,6 +40,7 @@ import re
 from dataclasses import dataclass, field
 
 from ..errors import TransferOptionError
+from .subspaces import matrix_shape
 
 POLICIES = ("best", "all-above-threshold", "spread")
 DEFAULT_POLICY = "best"
@@ -123,15 +124,8 @@ def parse_key(key: str) -> LayerRef | None:
     return None
 
 
-def _matrix(shape) -> tuple[int, int]:
-    n = 1
-    for s in shape[1:]:
-        n *= int(s)
-    return int(shape[0]), n
-
-
 def width(ref: LayerRef, shape) -> int:
-    m, n = _matrix(shape)
+    m, n = matrix_shape(shape)
     return n if ref.role in UP_ROLES else m
 
 
@@ -148,7 +142,7 @@ def compatibility(role: str, source_shape, target_shape) -> str | None:
     source_shape, target_shape = tuple(source_shape), tuple(target_shape)
     if source_shape == target_shape:
         return "same"
-    (ms, ns), (mt, nt) = _matrix(source_shape), _matrix(target_shape)
+    (ms, ns), (mt, nt) = matrix_shape(source_shape), matrix_shape(target_shape)
     if (ms, ns) == (mt, nt) and _pointwise(source_shape) and _pointwise(target_shape):
         return "squeeze"
     if role in EMBED_ROLES and ms == mt and ns < nt and len(source_shape) == 2 and len(target_shape) == 2:
