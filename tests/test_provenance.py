@@ -113,3 +113,15 @@ def test_hash_ahead_hashes_each_file_once_in_the_background(tmp_path, monkeypatc
     path.write_bytes(b"other content")
     provenance.hash_ahead(path)
     assert file_sha256(path) == hashlib.sha256(b"other content").hexdigest() and len(calls) == 2
+
+
+def test_an_unwritable_architecture_is_the_writers_clear_error(tmp_path):
+    """The hashes are computed from what write_lora prepares, after its checks: a target of unknown architecture
+    gets write_lora's one-line error (a bare KeyError from the hashing step once reached the UI)."""
+    import pytest
+
+    from lorax_engine.errors import LoraFileError
+
+    with pytest.raises(LoraFileError, match="cannot write a LoRA for architecture 'unknown'"):
+        write_lora_with_provenance(_lora(), tmp_path / "out.safetensors", architecture="unknown")
+    assert list(tmp_path.iterdir()) == []

@@ -432,6 +432,13 @@ def write_lora(lora: LoraModel, path, *, architecture: str, extra_metadata: dict
     failure leaves any previous file of that name untouched and no partial file behind.
     """
     path = Path(path)
+    sd, md = prepare_lora_file(lora, path, architecture=architecture, extra_metadata=extra_metadata, dtype=dtype)
+    return save_lora_file(sd, md, path)
+
+
+def prepare_lora_file(lora: LoraModel, path: Path, *, architecture: str, extra_metadata: dict[str, str] | None = None,
+                      dtype: torch.dtype = torch.float16) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors and metadata :func:`write_lora` writes to ``path``, after every check of the inputs."""
     if architecture not in BASE_MODEL_VERSION:
         raise LoraFileError(path, f"cannot write a LoRA for architecture {architecture!r} (use 'sd1' or 'sdxl')")
     if not lora.layers:
@@ -445,6 +452,12 @@ def write_lora(lora: LoraModel, path, *, architecture: str, extra_metadata: dict
                                   f"(e.g. {too_large[0]!r}); lower the LoRA's strength")
     # a file name that is not UTF-8 (Python keeps its bytes as lone surrogates) cannot go into the metadata as is
     md = lora_metadata(lora, architecture, os.fsencode(path.stem).decode("utf-8", "replace"), extra_metadata)
+    _check_metadata(md, path)
+    return sd, md
+
+
+def save_lora_file(sd: dict[str, torch.Tensor], md: dict[str, str], path: Path) -> Path:
+    """Write prepared tensors and metadata to ``path`` atomically (see :func:`write_lora`)."""
     _check_metadata(md, path)
     tmp = None
     try:

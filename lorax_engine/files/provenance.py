@@ -21,7 +21,7 @@ from concurrent.futures import Future
 from pathlib import Path
 
 from ..atomic import write_text_atomic
-from .lora_formats import lora_metadata, to_kohya_state_dict, write_lora
+from .lora_formats import prepare_lora_file, save_lora_file
 
 # what a saved file names as its model when the transfer read a ComfyUI MODEL, whose file cannot be known
 UNKNOWN_MODEL = "unknown (ComfyUI MODEL input)"
@@ -159,12 +159,11 @@ def format_provenance(provenance: dict[str, str]) -> str:
 
 
 def write_lora_with_provenance(lora, path, *, architecture: str, provenance: dict[str, str] | None = None) -> Path:
-    """:func:`write_lora` with ``provenance`` and the kohya / ModelSpec hashes of the written tensors."""
+    """:func:`write_lora` with ``provenance`` and the kohya / ModelSpec hashes of the written tensors (prepared
+    once: the hashes are of exactly what is saved)."""
     path = Path(path)
-    provenance = dict(provenance or {})
-    # the same tensors and ss_* metadata write_lora derives for this path (it names ss_output_name after it)
-    md = lora_metadata(lora, architecture, os.fsencode(path.stem).decode("utf-8", "replace"), provenance)
-    model_hash, legacy_hash = kohya_hashes(to_kohya_state_dict(lora, architecture), md)
-    provenance.update({"sshs_model_hash": model_hash, "sshs_legacy_hash": legacy_hash,
-                       "modelspec.hash_sha256": f"0x{model_hash}"})
-    return write_lora(lora, path, architecture=architecture, extra_metadata=provenance)
+    sd, md = prepare_lora_file(lora, path, architecture=architecture, extra_metadata=provenance)
+    model_hash, legacy_hash = kohya_hashes(sd, md)
+    md.update({"sshs_model_hash": model_hash, "sshs_legacy_hash": legacy_hash,
+               "modelspec.hash_sha256": f"0x{model_hash}"})
+    return save_lora_file(sd, md, path)
