@@ -20,10 +20,10 @@ import comfy.utils
 import folder_paths
 import torch
 
-from ..lorax_engine.analysis.disk_budget import disk_budget_bytes, env_bytes, evict_to
+from ..lorax_engine.analysis.disk_budget import env_bytes
 from ..lorax_engine.analysis.subspaces import DEFAULT_MEMORY_BYTES, SubspaceCache
 from ..lorax_engine.errors import LoraXError
-from ..lorax_engine.files.base_weights import tensor_fingerprint
+from ..lorax_engine.files.base_weights import as_matrix, tensor_fingerprint
 from ..lorax_engine.files.lora import LoraModel
 from ..lorax_engine.files.provenance import UNKNOWN_MODEL
 
@@ -146,7 +146,7 @@ def after_transfer():
     ``$LORAX_DISK_CACHE_GB`` (least recently used bases go first)."""
     comfy.model_management.soft_empty_cache()
     if _cache is not None:
-        evict_to(_cache.directory, disk_budget_bytes())
+        _cache.trim_disk()
 
 
 def on_free_memory(hook):
@@ -268,8 +268,8 @@ class PatcherWeights:
     patched), so LoRAs already applied to the inputs do not leak into the subspaces. Nothing is modified.
     """
 
-    def __init__(self, model, clip=None, name: str = UNKNOWN_MODEL):
-        self.name = name
+    def __init__(self, model, clip=None):
+        self.name = UNKNOWN_MODEL       # a MODEL input does not know its file
         config = type(model.model.model_config).__name__
         self.architecture = _ARCHITECTURES.get(config, "unknown")
         self._weights = {}
@@ -295,8 +295,8 @@ class PatcherWeights:
     def matrix(self, key: str) -> torch.Tensor:
         """float32 ``[m, prod(rest)]`` on the device the weight sits on (no round trip through the host when
         the model is on the GPU: the bases are computed there)."""
-        t = self._tensor(key).detach()
-        return t.to(torch.float32).reshape(t.shape[0], -1)
+        t = self._tensor(key)
+        return as_matrix(t, t.device)
 
     def fingerprint(self, key: str) -> str:
         return _fingerprints(self._weights[key][0])

@@ -237,15 +237,10 @@ class ProjectLoRAX:
                                     should_stop=stop_if_cancelled)
         projected = on_engine_device(projected)
         after_transfer()
-        provenance = source_provenance(lora_path=lora.source_path, memo_dir=_memo_dir())
+        provenance = source_provenance(lora_path=lora.source_path, memo_dir=subspace_cache().fingerprint_dir)
         attach(projected, report, {**provenance, "lorax.source_format": lora.source_format})
         return {"ui": {"lorax": [transfer_summary(report)]},
                 "result": (projected, _report_text(report))}
-
-
-def _memo_dir():
-    directory = subspace_cache().directory
-    return directory / "fingerprints" if directory is not None else None
 
 
 def _report_text(report) -> str:
@@ -374,12 +369,11 @@ class _ProjectedMemo:
 
     def __init__(self):
         self._entries: OrderedDict = OrderedDict()
-        self.hits = self.misses = 0
+        self.hits = 0
 
     def get(self, key, target: PatcherWeights):
         entry = self._entries.get(key)
         if entry is None or any(k not in target or target.fingerprint(k) != fp for k, fp in entry[2].items()):
-            self.misses += 1
             return None
         self._entries.move_to_end(key)
         self.hits += 1
@@ -485,13 +479,14 @@ class LoadSD15LoRAIntoSDXL:
     def _transfer(lora_path, checkpoint_path, checkpoint_name, target, options, unique_id):
         cache = subspace_cache()
         lora = read_lora(lora_path).to(engine_device())
-        hash_ahead(lora_path, checkpoint_path, memo_dir=_memo_dir())
-        with CheckpointWeights(checkpoint_path, fingerprint_dir=_memo_dir(), name=checkpoint_name) as source:
+        hash_ahead(lora_path, checkpoint_path, memo_dir=cache.fingerprint_dir)
+        with CheckpointWeights(checkpoint_path, fingerprint_dir=cache.fingerprint_dir, name=checkpoint_name) as source:
             result, report = transfer(lora, source, target, options, cache=cache, progress=ComfyProgress(unique_id),
                                       should_stop=stop_if_cancelled)
         # remembered across runs and patched from the CPU (as ComfyUI keeps LoRA patches): no VRAM held after this
         result = result.to("cpu")
-        provenance = source_provenance(lora_path=lora_path, source_model=checkpoint_path, memo_dir=_memo_dir())
+        provenance = source_provenance(lora_path=lora_path, source_model=checkpoint_path,
+                                       memo_dir=cache.fingerprint_dir)
         attach(result, report, {**provenance, "lorax.source_format": lora.source_format})
         del lora    # its VRAM goes back with the transfer's temporaries
         after_transfer()

@@ -494,6 +494,18 @@ class SubspaceCache:
         self._lru.clear()
         self._used = 0
 
+    @property
+    def fingerprint_dir(self) -> Path | None:
+        """Where the digests of checkpoint weights and whole files are memoised, next to the bases (None
+        without a disk cache)."""
+        return self.directory / "fingerprints" if self.directory is not None else None
+
+    def trim_disk(self):
+        """Keep the disk cache within ``$LORAX_DISK_CACHE_GB``: least recently used bases go first."""
+        from .disk_budget import disk_budget_bytes, evict_to  # local: disk_budget is not needed to compute bases
+
+        evict_to(self.directory, disk_budget_bytes())
+
     # -- memory -----------------------------------------------------------------------------------
     def _remember(self, ckey: str, basis: Basis):
         if basis.nbytes > self.memory_bytes:

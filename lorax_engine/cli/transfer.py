@@ -21,7 +21,6 @@ from pathlib import Path
 
 import torch
 
-from ..analysis.disk_budget import disk_budget_bytes, evict_to
 from ..analysis.matching import DEFAULT_POLICY, DEFAULT_THRESHOLD, POLICIES
 from ..analysis.subspaces import DEFAULT_RANK, SubspaceCache, default_cache_dir
 from ..atomic import write_text_atomic
@@ -164,7 +163,7 @@ def _cache(args) -> SubspaceCache:
 
 
 def _open_models(args, cache: SubspaceCache):
-    memo = cache.directory / "fingerprints" if cache.directory is not None else None
+    memo = cache.fingerprint_dir
     source = CheckpointWeights(args.source_model, fingerprint_dir=memo, rehash=args.rehash)
     try:
         target = CheckpointWeights(args.target_model, fingerprint_dir=memo, rehash=args.rehash)
@@ -206,18 +205,10 @@ def _check_output_paths(*paths):
             raise OutputPathError(f"{path}: the folder {path.parent} does not exist")
 
 
-def _memo_dir(cache: SubspaceCache):
-    return cache.directory / "fingerprints" if cache.directory is not None else None
-
-
 def _record_sources(result, report, args, lora_path, cache: SubspaceCache):
     """The files read, with their sha256, into the report and the result's metadata."""
     attach(result, report, source_provenance(lora_path=lora_path, source_model=args.source_model,
-                                             target_model=args.target_model, memo_dir=_memo_dir(cache)))
-
-
-def _trim_cache(cache: SubspaceCache):
-    evict_to(cache.directory, disk_budget_bytes())
+                                             target_model=args.target_model, memo_dir=cache.fingerprint_dir))
 
 
 def _write_result(result, report, out: Path):
@@ -239,7 +230,7 @@ def run_transfer(args) -> int:
     cache = _cache(args)
     lora = read_lora(args.lora)
     source, target = _open_models(args, cache)
-    hash_ahead(args.lora, args.source_model, args.target_model, memo_dir=_memo_dir(cache))
+    hash_ahead(args.lora, args.source_model, args.target_model, memo_dir=cache.fingerprint_dir)
     bar = ProgressBar("transfer", not args.quiet)
     try:
         result, report = transfer(lora, source, target, options, cache=cache, progress=bar)
@@ -247,7 +238,7 @@ def run_transfer(args) -> int:
         bar.close()
         source.close()
         target.close()
-    _trim_cache(cache)
+    cache.trim_disk()
     _record_sources(result, report, args, args.lora, cache)
     _write_result(result, report, args.out)
     if args.report:
@@ -275,7 +266,7 @@ def run_similarity(args) -> int:
         bar.close()
         source.close()
         target.close()
-    _trim_cache(cache)
+    cache.trim_disk()
     if args.report:
         import json
         _write_text(args.report, json.dumps(smap.to_dict(), indent=1))
@@ -305,7 +296,7 @@ def run_batch(args) -> int:
                 raise OutputPathError(f"{folder}: cannot be created ({err.strerror or err})") from None
     cache = _cache(args)
     source, target = _open_models(args, cache)
-    hash_ahead(args.source_model, args.target_model, memo_dir=_memo_dir(cache))
+    hash_ahead(args.source_model, args.target_model, memo_dir=cache.fingerprint_dir)
     failures, written, start = [], set(), time.perf_counter()
     try:
         for i, path in enumerate(files, 1):
@@ -335,7 +326,7 @@ def run_batch(args) -> int:
     finally:
         source.close()
         target.close()
-        _trim_cache(cache)
+        cache.trim_disk()
     print(f"batch: {len(files) - len(failures)} of {len(files)} converted, {len(failures)} failed, "
           f"{time.perf_counter() - start:.1f} s")
     for name, err in failures:

@@ -30,7 +30,7 @@ import time
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Protocol
 
 import torch
 
@@ -44,7 +44,6 @@ CLIP_L = "clip_l.transformer."
 CLIP_G_LAYERS = "clip_g.transformer.text_model.encoder.layers."
 
 
-@runtime_checkable
 class BaseModelWeights(Protocol):
     name: str
     architecture: str
@@ -85,9 +84,9 @@ def prefetch_fingerprints(weights, keys, workers: int | None = None) -> None:
             pass
 
 
-def as_matrix(t: torch.Tensor) -> torch.Tensor:
-    """float32 ``[m, prod(rest)]`` view of a weight (conv kernels flattened)."""
-    return t.detach().to("cpu", torch.float32).reshape(t.shape[0], -1)
+def as_matrix(t: torch.Tensor, device="cpu") -> torch.Tensor:
+    """float32 ``[m, prod(rest)]`` view of a weight (conv kernels flattened), on ``device``."""
+    return t.detach().to(device, torch.float32).reshape(t.shape[0], -1)
 
 
 def _architecture(keys, shape_fn) -> str:
@@ -295,14 +294,3 @@ class CheckpointWeights:
             self._dirty = False
         except OSError:
             pass    # the memo only saves time
-
-
-def open_base_model(source, fingerprint_dir=None, rehash: bool = False) -> BaseModelWeights:
-    """A provider for a checkpoint path, a canonical-key mapping, or an object that already is one."""
-    if isinstance(source, str | os.PathLike):
-        return CheckpointWeights(source, fingerprint_dir=fingerprint_dir, rehash=rehash)
-    if isinstance(source, Mapping):
-        return StateDictWeights(source)
-    if isinstance(source, BaseModelWeights):
-        return source
-    raise TypeError(f"cannot read base weights from {type(source).__name__}")

@@ -125,16 +125,6 @@ class Report:
             Path(path).write_text(text)
         return text
 
-    @classmethod
-    def from_dict(cls, data: dict) -> Report:
-        data = {k: v for k, v in data.items() if k != "summary"}
-        layers = []
-        for layer in data.pop("layers", []):
-            cands = [CandidateRecord(**c) for c in layer.pop("candidates", [])]
-            layers.append(LayerRecord(**layer, candidates=cands))
-        targets = [TargetRecord(**t) for t in data.pop("targets", [])]
-        return cls(**data, layers=layers, targets=targets)
-
     def plot_rows(self) -> list[dict]:
         """Per source layer: block grouping, candidate scores and the verdict (for plot.py)."""
         rows = []
