@@ -242,13 +242,17 @@ class _Fingerprints:
         self._lock = threading.Lock()      # the engine hashes in parallel threads
         self._pruned_size = 0
 
-    def known(self, t: torch.Tensor) -> bool:
+    def _memoised(self, t: torch.Tensor) -> str | None:
         memo = self._memo.get(id(t))
-        return memo is not None and memo[0]() is t and memo[1] == _version(t)
+        return memo[2] if memo is not None and memo[0]() is t and memo[1] == _version(t) else None
+
+    def known(self, t: torch.Tensor) -> bool:
+        return self._memoised(t) is not None
 
     def __call__(self, t: torch.Tensor) -> str:
-        if self.known(t):
-            return self._memo[id(t)][2]
+        fp = self._memoised(t)
+        if fp is not None:
+            return fp
         fp = tensor_fingerprint(t)
         with self._lock:
             if len(self._memo) > 2 * self._pruned_size:     # drop dead tensors now and then, not on every call

@@ -270,9 +270,9 @@ def run_similarity(args) -> int:
     if args.report:
         import json
         _write_text(args.report, json.dumps(smap.to_dict(), indent=1))
-    if args.plot:
-        _plot(args.plot, smap.plot_rows(), options.threshold, f"{source.name} -> {target.name}")
     rows = smap.plot_rows()
+    if args.plot:
+        _plot(args.plot, rows, options.threshold, f"{source.name} -> {target.name}")
     scored = [r["best"] for r in rows if r["best"] is not None]
     above = sum(s >= options.threshold for s in scored)
     mean = sum(scored) / len(scored) if scored else math.nan
