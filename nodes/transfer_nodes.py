@@ -12,13 +12,13 @@ import torch
 from ..lorax_engine.analysis.matching import DEFAULT_POLICY, DEFAULT_THRESHOLD, POLICIES
 from ..lorax_engine.analysis.subspaces import DEFAULT_RANK
 from ..lorax_engine.files.base_weights import CheckpointWeights
+from ..lorax_engine.files.file_memo import file_stamp
 from ..lorax_engine.files.keys import UNET_PREFIX
 from ..lorax_engine.files.lora import LoraLayer, LoraModel
 from ..lorax_engine.files.lora_formats import read_lora, to_kohya_state_dict
 from ..lorax_engine.files.output_names import sanitize_stem
 from ..lorax_engine.files.provenance import (
     attach,
-    file_stamp,
     format_provenance,
     hash_ahead,
     source_provenance,
@@ -415,6 +415,8 @@ class LoadSD15LoRAIntoSDXL:
 
     @classmethod
     def INPUT_TYPES(cls):
+        options = option_inputs()
+        method = options.pop("method")      # shown last, after the mode
         return {
             "required": {
                 "model": ("MODEL", {"tooltip": "The SDXL model (from Load Checkpoint)."}),
@@ -428,9 +430,9 @@ class LoadSD15LoRAIntoSDXL:
                                              "tooltip": "How strongly to modify the diffusion model."}),
                 "strength_clip": ("FLOAT", {"default": 1.0, "min": -100.0, "max": 100.0, "step": 0.01,
                                             "tooltip": "How strongly to modify the text encoder."}),
-                **{k: v for k, v in option_inputs().items() if k != "method"},
+                **options,
                 "mode": mode_input(),
-                "method": option_inputs()["method"],
+                "method": method,
             },
             "optional": {
                 "clip": ("CLIP", {"tooltip": "The SDXL CLIP, for the LoRA's text-encoder layers; without it "

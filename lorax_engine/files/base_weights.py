@@ -23,7 +23,6 @@ rewritten file is always hashed again; pass ``rehash=True`` to ignore the memo a
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import time
@@ -34,9 +33,9 @@ from typing import Protocol
 
 import torch
 
-from ..atomic import write_text_atomic
 from ..errors import LoraFileError
 from .architectures import detect_checkpoint_architecture
+from .file_memo import file_stamp, memo_path, read_memo, write_memo
 from .safetensors_file import SafetensorsFile
 
 UNET = "diffusion_model."
@@ -216,10 +215,8 @@ class CheckpointWeights:
         self._digests: dict[str, str] = {}
         self._dirty = False
         if fingerprint_dir is not None:
-            st = os.stat(self.path)
-            self._memo_stamp = [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
-            digest = hashlib.sha256(str(self.path.resolve()).encode()).hexdigest()[:32]
-            self._memo_path = Path(fingerprint_dir).expanduser() / f"{digest}.json"
+            self._memo_stamp = list(file_stamp(self.path)[1:])
+            self._memo_path = memo_path(fingerprint_dir, str(self.path.resolve()))
             if not rehash:
                 self._digests = self._load_memo()
         self._last: tuple[str, torch.Tensor] | None = None   # raw tensor just hashed, reused by matrix()
@@ -275,22 +272,12 @@ class CheckpointWeights:
 
     # -- digest memo ------------------------------------------------------------------------------
     def _load_memo(self) -> dict[str, str]:
-        try:
-            data = json.loads(self._memo_path.read_text())
-            if data.get("stat") == self._memo_stamp and isinstance(data.get("digests"), dict):
-                return {str(k): str(v) for k, v in data["digests"].items()}
-        except (OSError, ValueError, AttributeError):
-            pass
-        return {}
+        data = read_memo(self._memo_path, self._memo_stamp)
+        digests = data.get("digests") if data is not None else None
+        return {str(k): str(v) for k, v in digests.items()} if isinstance(digests, dict) else {}
 
     def flush(self):
         """Write newly computed digests to the memo (atomically); a no-op without ``fingerprint_dir``."""
-        if self._memo_path is None or not self._dirty:
-            return
-        try:
-            self._memo_path.parent.mkdir(parents=True, exist_ok=True)
-            write_text_atomic(self._memo_path, json.dumps({"path": str(self.path), "stat": self._memo_stamp,
-                                                           "digests": self._digests}))
-            self._dirty = False
-        except OSError:
-            pass    # the memo only saves time
+        if self._memo_path is not None and self._dirty:
+            self._dirty = not write_memo(self._memo_path, self._memo_stamp,
+                                         {"path": str(self.path), "digests": self._digests})

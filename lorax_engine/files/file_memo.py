@@ -34,12 +34,12 @@ def read_memo(path: Path, stamp: list) -> dict | None:
     return data if isinstance(data, dict) and data.get("stat") == stamp else None
 
 
-def write_memo(path: Path, stamp: list, **fields) -> bool:
-    """Write a memo for a file with ``stamp`` atomically; False when it cannot be written (a memo only saves
-    time, so that is not an error)."""
+def write_memo(memo: Path, stamp: list, fields: dict) -> bool:
+    """Write ``fields`` as the memo for a file with ``stamp``, atomically; False when it cannot be written (a
+    memo only saves time, so that is not an error)."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(path, json.dumps({**fields, "stat": stamp}))
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(memo, json.dumps({**fields, "stat": stamp}))
         return True
     except OSError:
         return False

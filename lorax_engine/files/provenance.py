@@ -20,7 +20,7 @@ import threading
 from concurrent.futures import Future
 from pathlib import Path
 
-from ..atomic import write_text_atomic
+from .file_memo import file_stamp, memo_path, read_memo, write_memo
 from .lora_formats import prepare_lora_file, save_lora_file
 
 # what a saved file names as its model when the transfer read a ComfyUI MODEL, whose file cannot be known
@@ -31,14 +31,6 @@ _CHUNK = 1 << 20
 _memo: dict[tuple, str] = {}
 _pending: dict[tuple, Future] = {}      # hashes started by hash_ahead, by file stamp
 _pending_lock = threading.Lock()
-
-
-def file_stamp(path) -> tuple:
-    """What identifies a file's content without reading it: resolved path, device, inode, size, mtime, ctime.
-    The kernel updates ctime on every write and no user call can set it, so a rewritten file changes stamp."""
-    real = os.path.realpath(path)
-    st = os.stat(real)
-    return real, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
 def hash_ahead(*paths, memo_dir=None) -> None:
@@ -87,27 +79,17 @@ def file_sha256(path, memo_dir=None) -> str:
 
 
 def _hash_file_now(stamp: tuple, memo_dir) -> str:
-    digest, memo_path = None, None
-    if memo_dir is not None:
-        memo_path = Path(memo_dir) / f"sha256-{hashlib.sha256(os.fsencode(stamp[0])).hexdigest()[:32]}.json"
-        try:
-            data = json.loads(memo_path.read_text())
-            if data.get("stat") == list(stamp):
-                digest = str(data["sha256"])
-        except (OSError, ValueError, KeyError, AttributeError):
-            pass
+    memo = memo_path(memo_dir, os.fsencode(stamp[0]), prefix="sha256-") if memo_dir is not None else None
+    data = read_memo(memo, list(stamp)) if memo is not None else None
+    digest = str(data["sha256"]) if data is not None and "sha256" in data else None
     if digest is None:
         h = hashlib.sha256()
         with open(stamp[0], "rb") as f:
             for chunk in iter(lambda: f.read(_CHUNK), b""):
                 h.update(chunk)
         digest = h.hexdigest()
-        if memo_path is not None:
-            try:
-                memo_path.parent.mkdir(parents=True, exist_ok=True)
-                write_text_atomic(memo_path, json.dumps({"stat": list(stamp), "sha256": digest}))
-            except OSError:
-                pass    # the memo only saves time
+        if memo is not None:
+            write_memo(memo, list(stamp), {"sha256": digest})
     _memo[stamp] = digest
     return digest
 
