@@ -15,8 +15,11 @@ Pairs cover every degree of similarity between a source and a target layer:
   swapped with complement directions, then every direction slightly perturbed, so the exact top-``rank``
   overlap ``||U_s^T U_t||_F^2 / rank`` is about ``overlap``.
 - ``unrelated``: independent weights (overlap about ``rank / m``, chance).
+- ``finetune``: the source after a training-like drift of relative size ``drift`` (``||E|| = drift ||W||``, see
+  :func:`finetune_drift`): the continuity case of METHOD §2c, a LoRA carried to a fine-tune of its own base.
 
 Everything is float64 (but ``identical_fp32_fp16``) and depends only on the arguments.
+:func:`leading_spectrum` is the other spectrum METHOD §2c names: a slow bulk with a few strong leading directions.
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ import math
 
 import torch
 
-PAIR_KINDS = ("identical", "identical_fp32_fp16", "same_subspace", "partial_overlap", "unrelated")
+PAIR_KINDS = ("identical", "identical_fp32_fp16", "same_subspace", "partial_overlap", "unrelated", "finetune")
 
 PERTURBATION = 0.1            # partial_overlap: rms angle (radians) of the random plane rotations of the vectors
 
@@ -62,6 +65,39 @@ def trained_spectrum(d: int, *, exponent: float = 0.2, cond: float = 1e3, head: 
     h = min(head, d - 1)
     factor = lift ** (1 - torch.arange(d, dtype=torch.float64) / h).clamp(min=0)
     return bulk * factor
+
+
+def leading_spectrum(d: int, exponent: float, strong: int = 4, lift: float = 10.0) -> torch.Tensor:
+    """The bulk ``(i+1)^-exponent`` with its first ``strong`` values lifted geometrically from ``lift`` times down to
+    1: a slow spectrum with a few strong leading directions (METHOD §2c), whose Frobenius norm the bulk still
+    dominates, as in trained weights (a head that dominated it would make a 1% drift of the whole a large drift of
+    the bulk)."""
+    s = spectrum_bulk(d, exponent).clone()
+    k = min(strong, d)
+    s[:k] *= torch.logspace(math.log10(lift), 0.0, k, dtype=torch.float64) if k > 1 else lift
+    return s
+
+
+def finetune_drift(w: torch.Tensor, drift: float, seed: int) -> torch.Tensor:
+    """``W + E`` with ``||E||_F = drift ||W||_F``, E shaped as training moves a weight, in three equal parts:
+    its singular values rescaled by a few percent each, its singular vectors turned by small random rotations on
+    both sides (``K_u W + W K_v`` with skew-symmetric K), and a rank-4 update reading the weight's strongest input
+    directions (learned features use what the layer already reads)."""
+    w = w.double()
+    m, n = w.shape
+    gen = torch.Generator().manual_seed(_derived_seed(seed, "finetune"))
+    u, s, vh = torch.linalg.svd(w, full_matrices=False)
+    rescale = (u * (s * torch.randn(s.shape[0], generator=gen, dtype=torch.float64))) @ vh
+
+    def skew(d):
+        a = torch.randn(d, d, generator=gen, dtype=torch.float64)
+        return a - a.T
+
+    turn = skew(m) @ w + w @ skew(n)
+    reads = vh[:min(8, vh.shape[0])].T @ torch.randn(min(8, vh.shape[0]), 4, generator=gen, dtype=torch.float64)
+    feature = torch.randn(m, 4, generator=gen, dtype=torch.float64) @ reads.T
+    e = sum(part / part.norm() for part in (rescale, turn, feature))
+    return w + e * (drift * float(w.norm()) / float(e.norm()))
 
 
 def random_orthonormal(n: int, k: int, generator: torch.Generator) -> torch.Tensor:
@@ -133,13 +169,13 @@ def _nudge(basis: torch.Tensor, perm: torch.Tensor, gen: torch.Generator) -> tor
 
 
 def weight_pair(kind: str, m: int, n: int, *, exponent: float = 0.2, cond: float = 1e3, seed: int = 0,
-                rank: int = 320, overlap: float = 0.5,
-                target_exponent: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                rank: int = 320, overlap: float = 0.5, target_exponent: float | None = None,
+                drift: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
     """``(source, target)`` ``[m, n]`` weights of one layer, related as ``kind`` says (see module docstring).
 
     The source is always ``trained_weight(m, n, exponent=exponent, cond=cond, seed=seed)`` (float32 for
     ``identical_fp32_fp16``). ``rank`` and ``overlap`` only matter to ``partial_overlap``; ``target_exponent``
-    (default ``exponent + 0.3``) only to ``same_subspace``.
+    (default ``exponent + 0.3``) only to ``same_subspace``; ``drift`` only to ``finetune``.
     """
     if kind not in PAIR_KINDS:
         raise ValueError(f"kind must be one of {PAIR_KINDS}, got {kind!r}")
@@ -160,6 +196,8 @@ def weight_pair(kind: str, m: int, n: int, *, exponent: float = 0.2, cond: float
     if kind == "same_subspace":
         t_exp = exponent + 0.3 if target_exponent is None else target_exponent
         return source, _compose(u, trained_spectrum(r, exponent=t_exp, cond=cond), v, 0.03)
+    if kind == "finetune":
+        return source, finetune_drift(source, drift, seed)
     if kind == "partial_overlap":
         gen = torch.Generator().manual_seed(_derived_seed(seed, "partial_overlap"))
         u_t, v_t = rotate_top_directions(u, v, rank, overlap, gen)

@@ -77,26 +77,28 @@ def test_every_input_of_a_basis_is_part_of_its_key(tmp_path, monkeypatch):
         (torch.float16, SPEC),
         (torch.float32, SPEC),                                       # same values, other stored dtype
         (torch.bfloat16, SPEC),
-        (torch.float16, SubspaceSpec(13, "exact")),                 # rank
-        (torch.float16, SubspaceSpec(12, "randomized", oversample=8, power_iters=1, seed=0)),   # method
+        (torch.float16, SubspaceSpec(12, "randomized", oversample=8, power_iters=1, seed=0)),   # a sketch
+        (torch.float16, SubspaceSpec(13, "randomized", oversample=8, power_iters=1, seed=0)),   # its rank
         (torch.float16, SubspaceSpec(12, "randomized", oversample=9, power_iters=1, seed=0)),   # sketch size
         (torch.float16, SubspaceSpec(12, "randomized", oversample=8, power_iters=2, seed=0)),   # power iterations
         (torch.float16, SubspaceSpec(12, "randomized", oversample=8, power_iters=1, seed=1)),   # sketch seed
+        (torch.float16, SubspaceSpec(12, "gram")),                  # the other spectrum method
     ]
     cache = SubspaceCache(tmp_path)
     got = []
     for dtype, spec in variants:
         w = StateDictWeights({KEYS[0]: values.to(dtype)}, architecture="sd1")
         got.append(cache.get(w, KEYS[0], spec))
-        assert got[-1].u.shape[1] == spec.rank and got[-1].method == spec.effective(96, 80).describe()
+        assert got[-1].u.shape[1] == spec.effective(96, 80).rank and got[-1].method == spec.effective(96, 80).describe()
     assert cache.stats.computed == len(variants) and len(_entries(tmp_path)) == len(variants)
     # the same bytes stored with another tensor shape (a conv [96, 20, 2, 2], same matrix [96, 80])
     conv = StateDictWeights({KEYS[0]: values.half().reshape(96, 20, 2, 2)}, architecture="sd1")
     cache.get(conv, KEYS[0], SPEC)
     assert cache.stats.computed == len(variants) + 1
-    # a sketch wider than the weight is computed exactly, so it shares the exact entry (no second copy)
+    # a spectrum serves every rank, and a sketch wider than the weight is its spectrum (no second copy)
     w16 = StateDictWeights({KEYS[0]: values.half()}, architecture="sd1")
-    assert cache.get(w16, KEYS[0], SubspaceSpec(12, "randomized", oversample=80)) is got[0]
+    assert cache.get(w16, KEYS[0], SubspaceSpec(40, "exact")) is got[0]
+    assert cache.get(w16, KEYS[0], SubspaceSpec(12, "randomized", oversample=80)) is got[-1]
     # a new algorithm version invalidates every entry on disk
     monkeypatch.setattr(subspaces, "ALGORITHM_VERSION", subspaces.ALGORITHM_VERSION + 1)
     fresh = SubspaceCache(tmp_path)

@@ -20,8 +20,7 @@ from inprocess_workflow import place_model_files, run_nodes
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
-from lorax_engine.analysis.similarity import LayerSimilarity, SideScore
-from lorax_engine.analysis.subspaces import Basis, SubspaceCache
+from lorax_engine.analysis.subspaces import Basis, Spectrum, SubspaceCache
 from lorax_engine.cli import build_parser
 from lorax_engine.files.lora import LoraLayer, LoraModel
 from lorax_engine.projection import operators
@@ -52,21 +51,26 @@ def _basis(m: int, n: int, r: int = 16, full_v: bool = False, seed: int = 0) -> 
     return Basis((m, n), _orthonormal(m, r, seed), None if full_v else _orthonormal(n, r, seed + 1), None, "exact")
 
 
+def _spectrum(m: int, n: int, seed: int = 0) -> Spectrum:
+    """A CPU spectrum, as the cache returns them (every direction, descending singular values)."""
+    d = min(m, n)
+    return Spectrum((m, n), _orthonormal(m, d, seed), _orthonormal(n, d, seed + 1),
+                    torch.linspace(2.0, 0.1, d), "exact")
+
+
 def _meta_layer(m: int, n: int, weight_shape=None) -> LoraLayer:
     layer = LoraLayer(torch.randn(m, RANK), torch.randn(RANK, n), 8.0, weight_shape or (m, n))
     return layer.to("meta")
 
 
-# (source layer m x n, target shape, source basis, target basis): a linear layer, a cross-attention k/v embedded
-# into the 2048-wide slot (source V a basis, then the identity), a 3x3 conv
+# (source layer m x n, target shape, source spectrum, target spectrum): a linear layer, a cross-attention k/v
+# embedded into the 2048-wide slot, a 3x3 conv
 CASES = {
-    "linear": ((320, 320), (320, 320), _basis(320, 320), _basis(320, 320, seed=2)),
-    "kv_embedded": ((320, 768), (320, 2048), _basis(320, 768), _basis(320, 2048, seed=2)),
-    "kv_full_source_v": ((320, 768), (320, 2048), _basis(320, 768, full_v=True), _basis(320, 2048, seed=2)),
-    "conv": ((320, 2880), (320, 320, 3, 3), _basis(320, 2880), _basis(320, 2880, seed=2)),
+    "linear": ((320, 320), (320, 320), _spectrum(320, 320), _spectrum(320, 320, seed=2)),
+    "kv_embedded": ((320, 768), (320, 2048), _spectrum(320, 768), _spectrum(320, 2048, seed=2)),
+    "conv": ((320, 2880), (320, 320, 3, 3), _spectrum(320, 2880), _spectrum(320, 2880, seed=2)),
 }
-SIM = LayerSimilarity(SideScore(0.5, 0.05, 0.47), SideScore(0.4, 0.05, 0.37))
-IDENTICAL = LayerSimilarity(SideScore(1.0, 0.05, 1.0), SideScore(1.0, 0.05, 1.0), identical=True)
+CASES_BASIS = {name: (case[0], case[3].top(16)) for name, case in CASES.items()}
 
 
 def _assert_on_meta(layer: LoraLayer, m: int, width: int):
@@ -75,25 +79,26 @@ def _assert_on_meta(layer: LoraLayer, m: int, width: int):
 
 
 @pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("mode,sim", [("auto", SIM), ("subspace+null", SIM), ("subspace", SIM),
-                                      ("auto", IDENTICAL), ("direct", None)])
-def test_every_operator_computes_on_the_loras_device_with_cpu_bases(case, mode, sim):
+@pytest.mark.parametrize("mode,identical", [("auto", False), ("subspace+null", False), ("subspace", False),
+                                            ("auto", True), ("direct", False)])
+def test_every_operator_computes_on_the_loras_device_with_cpu_spectra(case, mode, identical):
     (m, n), target_shape, source, target = CASES[case]
     layer = _meta_layer(m, n)
     width = 1
     for d in target_shape[1:]:
         width *= d
-    if (mode == "direct" or sim is IDENTICAL) and width != n:
+    if (mode == "direct" or identical) and width != n:
         pytest.skip("direct copies and identical weights pass the update through only where the shapes agree")
     with SameDevice():
-        out, _, _, _ = _project_pair(layer, mode, sim, source, target, target_shape)
+        out, _, _, _ = _project_pair(layer, TransferOptions(rank=16, mode=mode), identical, source, target,
+                                     target_shape)
     _assert_on_meta(out, m, width)
     assert out.weight_shape == tuple(target_shape)
 
 
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("case", CASES_BASIS)
 def test_energies_are_computed_on_the_loras_device(case):
-    (m, n), _, _, target = CASES[case]
+    (m, n), target = CASES_BASIS[case]
     layer = _meta_layer(m, n)
     with SameDevice():
         kept, total = operators.projected_energy_terms(layer, target)
@@ -126,13 +131,13 @@ def test_combined_updates_stay_on_the_loras_device():
     assert tuple(two.up.shape) == (320, 2 * RANK)
 
 
-def test_a_cpu_lora_with_bases_elsewhere_lands_with_the_lora():
-    """The other way round: bases on another device than the LoRA still give the LoRA's device."""
+def test_a_cpu_lora_with_spectra_elsewhere_lands_with_the_lora():
+    """The other way round: spectra on another device than the LoRA still give the LoRA's device."""
     layer = LoraLayer(torch.randn(320, RANK), torch.randn(RANK, 768), 8.0, (320, 768))
-    meta_target = _basis(320, 2048, seed=2).to(torch.device("meta"))
-    meta_source = _basis(320, 768).to(torch.device("meta"))
+    meta_target = _spectrum(320, 2048, seed=2).to(torch.device("meta"))
+    meta_source = _spectrum(320, 768).to(torch.device("meta"))
     with SameDevice():
-        out = operators.project_sidewise(layer.to("meta"), meta_source, meta_target, (320, 2048), 0.5, 0.5)
+        out = operators.project_soft(layer.to("meta"), meta_source, meta_target, 16, (320, 2048), 0.5, 0.5)
     _assert_on_meta(out, 320, 2048)
 
 

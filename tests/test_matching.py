@@ -7,7 +7,16 @@ import re
 import pytest
 import torch
 
-from lorax_engine.analysis.matching import TargetIndex, compatibility, parse_key, select, stage_label
+from lorax_engine.analysis.matching import (
+    UNKNOWN,
+    Evidence,
+    LayerChoice,
+    TargetIndex,
+    compatibility,
+    decide,
+    parse_key,
+    stage_label,
+)
 from lorax_engine.errors import TransferOptionError
 from lorax_engine.files.base_weights import StateDictWeights
 
@@ -142,22 +151,111 @@ def test_direct_rule_is_name_and_matrix_shape(sd15, sdxl):
     assert index.direct(k, sd15.shape(k)).reason == "no counterpart"
 
 
-def test_select_policies():
-    scored = [("a", 0.2), ("own", 0.9), ("b", 0.9), ("c", -0.01)]
-    chosen, reasons = select("own", scored, "best", 0.05)
-    assert chosen == {"own": 1.0}                                  # tie broken towards the source's own key
-    assert reasons == {"a": "another candidate scored higher", "b": "another candidate scored higher",
-                       "c": "below threshold"}
-    chosen, _ = select("x", scored, "best", 0.05)
-    assert chosen == {"own": 1.0}                                  # first in model order among equals
-    assert select("x", scored, "best", 0.95) == ({}, {k: "below threshold" for k, _ in scored})
-    chosen, reasons = select("x", scored, "all-above-threshold", 0.05)
-    assert chosen == {"a": 1.0, "own": 1.0, "b": 1.0} and reasons == {"c": "below threshold"}
-    chosen, _ = select("x", scored, "spread", 0.05)
-    assert chosen == {"a": 1 / 3, "own": 1 / 3, "b": 1 / 3} and math.isclose(sum(chosen.values()), 1.0)
-    chosen, _ = select("x", scored, "spread", -math.inf)
-    assert len(chosen) == 4
+Q = "diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_q.weight"
+K = Q.replace("to_q", "to_k")
+V = Q.replace("to_q", "to_v")
+PROJ_IN = "diffusion_model.input_blocks.4.1.proj_in.weight"
+
+
+def _target(key, block="input_blocks.4.1", depth=0):
+    """The key of the same role in another target block / transformer block."""
+    out = key.replace("input_blocks.4.1", block)
+    return out.replace("transformer_blocks.0.", f"transformer_blocks.{depth}.")
+
+
+def _exact(score, identical=False):
+    return Evidence(score, True, identical)
+
+
+def _choices(evidence: dict[str, dict[str, Evidence]], weights=None) -> dict[str, LayerChoice]:
+    return {s: LayerChoice(parse_key(s), (weights or {}).get(s, 1.0), cands) for s, cands in evidence.items()}
+
+
+def test_policies_on_exact_scores():
+    a, own, b, c = (_target(Q, "input_blocks.5.1"), Q, _target(Q, "input_blocks.7.1"), _target(Q, "input_blocks.8.1"))
+    layers = _choices({Q: {a: _exact(0.2), own: _exact(0.9), b: _exact(0.9), c: _exact(-0.01)}})
+    best = decide(layers, "best", 0.05)
+    assert best.chosen == {Q: {own: 1.0}} and not best.needs          # tie broken towards the source's own block
+    assert best.reasons[Q] == {a: "another block scored higher", b: "another block scored higher",
+                               c: "another block scored higher"}
+    assert decide(layers, "best", 0.95).chosen == {Q: {}}
+    above = decide(layers, "all-above-threshold", 0.05)
+    assert above.chosen == {Q: {a: 1.0, own: 1.0, b: 1.0}} and above.reasons[Q] == {c: "below threshold"}
+    spread = decide(layers, "spread", 0.05).chosen[Q]
+    assert spread == {a: pytest.approx(1 / 3), own: pytest.approx(1 / 3), b: pytest.approx(1 / 3)}
+    assert len(decide(layers, "spread", -math.inf).chosen[Q]) == 4
     with pytest.raises(TransferOptionError):
-        select("x", scored, "nearest", 0.0)
+        decide(layers, "nearest", 0.0)
     with pytest.raises(TransferOptionError):
-        select("x", scored, "best", float("nan"))
+        decide(layers, "best", float("nan"))
+
+
+def test_estimates_only_rule_candidates_out_and_what_may_pass_or_lead_is_scored_exactly():
+    """METHOD §2b: an estimate's upper bound below the threshold, or below the leading block's exact score, settles a
+    candidate; a decision the bounds cannot settle names the pairs to score exactly (the most promising first)."""
+    a, b, c = (_target(V, blk) for blk in ("input_blocks.5.1", "input_blocks.7.1", "input_blocks.8.1"))
+    estimates = _choices({V: {a: Evidence(0.60), b: Evidence(0.75), c: Evidence(0.04)}})
+    assert decide(estimates, "best", 0.05).needs == {(V, b)}                 # the most promising block first
+    assert decide(estimates, "all-above-threshold", 0.05).needs == {(V, a), (V, b)}   # c is ruled out
+    one_exact = _choices({V: {a: Evidence(0.60), b: _exact(0.5), c: Evidence(0.04)}})
+    assert decide(one_exact, "best", 0.05).needs == {(V, a)}                # its bound reaches b's exact score
+    settled = decide(_choices({V: {a: Evidence(0.45), b: _exact(0.5), c: Evidence(0.04)}}), "best", 0.05)
+    assert settled.chosen == {V: {b: 1.0}} and not settled.needs
+    assert settled.reasons[V] == {a: "another block scored higher", c: "another block scored higher"}
+    # nothing known yet: the most promising is any; nothing could pass anywhere: the choice is moot, nothing asked
+    assert len(decide(_choices({V: {a: UNKNOWN, b: UNKNOWN}}), "best", 0.05).needs) == 1
+    moot = decide(_choices({V: {a: Evidence(0.03), b: Evidence(0.04)}}), "best", 0.05)
+    assert not moot.needs and moot.chosen == {V: {}} and set(moot.reasons[V].values()) == {"below threshold"}
+    # passing a threshold takes an exact score, and an exact score below it drops the candidate
+    assert decide(_choices({V: {a: Evidence(0.2)}}), "all-above-threshold", 0.05).needs == {(V, a)}
+    assert decide(_choices({V: {a: _exact(0.04)}}), "all-above-threshold", 0.05).chosen == {V: {}}
+    # identical weights win over any other exact score of 1
+    same = _choices({V: {a: _exact(1.0), b: _exact(1.0, identical=True)}})
+    assert decide(same, "best", 0.05).chosen == {V: {b: 1.0}}
+
+
+@pytest.mark.parametrize("policy", ["best", "all-above-threshold", "spread"])
+def test_q_and_k_of_one_attention_are_applied_together_or_not_at_all(policy):
+    """METHOD §4: q passes in both target blocks, k only in the second: both go to the second, never q alone."""
+    first, second = "input_blocks.5.1", "input_blocks.7.1"
+    layers = _choices({Q: {_target(Q, first): _exact(0.9), _target(Q, second): _exact(0.6)},
+                       K: {_target(K, first): _exact(0.01), _target(K, second): _exact(0.5)}},
+                      weights={Q: 10.0, K: 1.0})
+    out = decide(layers, policy, 0.05)
+    if policy == "best":      # the block score (dominated by q's energy) picks the first block: k fails there
+        assert out.chosen == {Q: {}, K: {}}
+        assert out.reasons[Q][_target(Q, first)] == "its q/k partner does not pass there"
+        assert out.reasons[K][_target(K, first)] == "below threshold"
+    else:
+        strength = 1.0
+        assert out.chosen == {Q: {_target(Q, second): strength}, K: {_target(K, second): strength}}
+        assert out.reasons[Q][_target(Q, first)] == "its q/k partner does not pass there"
+    # without its partner in the LoRA, q is decided alone
+    alone = decide(_choices({Q: dict(layers[Q].candidates)}), policy, 0.05).chosen[Q]
+    assert _target(Q, first) in alone
+
+
+@pytest.mark.parametrize("policy", ["best", "all-above-threshold"])
+def test_proj_in_follows_the_transformer_block_it_wraps(policy):
+    """proj_in goes to the block its transformer block went to, though another block's proj_in scores higher."""
+    went, other = "input_blocks.7.1", "input_blocks.8.1"
+    layers = _choices({V: {_target(V, went): _exact(0.8), _target(V, other): _exact(0.01)},
+                       PROJ_IN: {_target(PROJ_IN, went): _exact(0.3), _target(PROJ_IN, other): _exact(0.9)}})
+    out = decide(layers, policy, 0.05)
+    assert out.chosen[V] == {_target(V, went): 1.0}
+    assert out.chosen[PROJ_IN] == {_target(PROJ_IN, went): 1.0}
+    assert out.reasons[PROJ_IN][_target(PROJ_IN, other)] in ("another block scored higher",
+                                                             "the transformer blocks it wraps went elsewhere")
+    # on its own (no transformer-block layer in the LoRA) it goes where it scores best
+    alone = decide(_choices({PROJ_IN: dict(layers[PROJ_IN].candidates)}), "best", 0.05)
+    assert alone.chosen[PROJ_IN] == {_target(PROJ_IN, other): 1.0}
+
+
+def test_the_targets_unused_text_layers_are_no_candidates(zoo):
+    """SDXL conditions on CLIP-L's penultimate layer: its layer 11 receives nothing (METHOD §4)."""
+    clip = {f"clip_l.transformer.{k}": torch.empty(s, device="meta") for k, s in zoo.key_table("clip_l").items()}
+    key = "clip_l.transformer.text_model.encoder.layers.3.self_attn.q_proj.weight"
+    for arch, layers_seen in (("sdxl", 11), ("sd1", 12)):
+        cands = TargetIndex(StateDictWeights(clip, architecture=arch)).candidates(key, (768, 768))
+        assert len(cands.targets) == layers_seen
+        assert (arch == "sdxl") != any("layers.11." in t for t, _ in cands.targets)

@@ -6,7 +6,9 @@ import math
 import pytest
 import torch
 
-from lorax_engine.analysis.subspaces import Basis
+from float64_reference import soft_transfer
+
+from lorax_engine.analysis.subspaces import Basis, Spectrum
 from lorax_engine.errors import TransferOptionError
 from lorax_engine.files.lora import LoraLayer
 from lorax_engine.projection.operators import (
@@ -15,13 +17,15 @@ from lorax_engine.projection.operators import (
     compress,
     embed_down,
     energy_fraction,
+    knee_angles,
     pass_through,
     passes_through,
-    project_sidewise,
+    project_soft,
     project_subspace,
     projected_energy,
     relative_change,
-    side_weights,
+    side_weight,
+    soft_weights,
 )
 
 
@@ -99,62 +103,61 @@ def test_cross_attention_down_is_embedded_into_the_clip_l_slot():
     assert torch.equal(embed_down(layer.down, nt)[:, ns:], torch.zeros(layer.rank, nt - ns))
 
 
-def _sidewise64(d, src, tgt, w_u, w_v, ns=None):
-    """T_U ΔW T_V^T written out densely in float64 (METHOD §2), with the source V side embedded in the slot."""
-    m, nt = d.shape
-    ns = ns or nt
-    pus, put, pvt = _proj(src.u, m), _proj(tgt.u, m), _proj(tgt.v, nt)
-    pvs = torch.zeros(nt, nt, dtype=torch.float64)
-    pvs[:ns, :ns] = _proj(src.v, ns)
-    eye_m, eye_n = torch.eye(m, dtype=torch.float64), torch.eye(nt, dtype=torch.float64)
-    t_u = put @ pus + w_u * (eye_m - put) @ (eye_m - pus)
-    t_v = pvt @ pvs + w_v * (eye_n - pvt) @ (eye_n - pvs)
-    return t_u @ d @ t_v.T
+def _spectrum(w: torch.Tensor) -> Spectrum:
+    """All singular triplets from torch's float64 SVD (not the engine's Gram code)."""
+    u, s, vh = torch.linalg.svd(w.double(), full_matrices=False)
+    return Spectrum(tuple(w.shape), u.float(), vh.T.float(), s.float(), "svd")
 
 
-@pytest.mark.parametrize("w_u, w_v", [(0.0, 0.0), (1.0, 1.0), (0.3, 0.8)])
-def test_sidewise_operator_matches_the_dense_formula_and_keeps_rank_and_alpha(w_u, w_v):
-    m, n, r = 72, 60, 18
-    layer = _layer(m, n, k=5)
-    src, tgt = _basis(m, n, r, seed=11), _basis(m, n, r, seed=21)
-    out = project_sidewise(layer, src, tgt, (m, n), w_u, w_v)
-    torch.testing.assert_close(out.delta().double(), _sidewise64(_delta64(layer), src, tgt, w_u, w_v),
-                               rtol=1e-4, atol=1e-6)
-    assert out.rank == layer.rank and out.alpha == layer.alpha
+def _weight(m, n, seed, exponent=0.4):
+    """A weight with a slow spectrum and singular vectors in general position."""
+    g = torch.Generator().manual_seed(seed)
+    d = min(m, n)
+    q1, _ = torch.linalg.qr(torch.randn(m, d, generator=g, dtype=torch.float64))
+    q2, _ = torch.linalg.qr(torch.randn(n, d, generator=g, dtype=torch.float64))
+    return (q1 * torch.arange(1, d + 1, dtype=torch.float64) ** -exponent) @ q2.T
 
 
-def test_sidewise_is_the_identity_on_equal_bases_with_w_one_and_eq3_on_in_subspace_updates():
-    m, n, r = 50, 50, 10
-    basis = _basis(m, n, r, seed=4)
-    layer = _layer(m, n, k=4)
-    torch.testing.assert_close(project_sidewise(layer, basis, basis, (m, n), 1.0, 1.0).delta().double(),
-                               _delta64(layer), rtol=1e-4, atol=1e-6)
-    # a LoRA-X adapter lives in the source subspace: every w gives the paper's Eq. 3
-    inside = LoraLayer(basis.u @ (basis.u.T @ layer.up), (layer.down @ basis.v) @ basis.v.T, layer.alpha, (m, n))
-    tgt = _basis(m, n, r, seed=9)
-    eq3 = project_subspace(inside, tgt, (m, n)).delta().double()
-    for w in (0.0, 0.5, 1.0):
-        torch.testing.assert_close(project_sidewise(inside, basis, tgt, (m, n), w, w).delta().double(), eq3,
-                                   rtol=1e-4, atol=1e-6)
+@pytest.mark.parametrize("mode", ["auto", "subspace+null"])
+@pytest.mark.parametrize("m, ns, nt", [(72, 72, 72), (96, 40, 40), (40, 96, 96), (48, 24, 64)])
+def test_soft_operator_matches_the_dense_float64_formula_and_keeps_rank_and_alpha(mode, m, ns, nt):
+    """METHOD §2c's T = S_t S_s + w C_t C_s on factors against the dense reference (tests/float64_reference.py),
+    square, both rectangular orientations and a narrower source input embedded in the slot (§3)."""
+    r = 12
+    ws, layer = _weight(m, ns, seed=1), _layer(m, ns, k=5)
+    related = torch.cat([ws, torch.zeros(m, nt - ns, dtype=torch.float64)], 1) + 0.3 * _weight(m, nt, seed=2)
+    for wt in (related, _weight(m, nt, seed=3)):
+        w_u, w_v = soft_weights(_spectrum(ws), _spectrum(wt), r, mode)
+        out = project_soft(layer, _spectrum(ws), _spectrum(wt), r, (m, nt), w_u, w_v)
+        want, want_u, want_v = soft_transfer(mode, ws, wt, _delta64(layer), r)
+        assert (w_u, w_v) == (pytest.approx(want_u, abs=1e-5), pytest.approx(want_v, abs=1e-5))
+        torch.testing.assert_close(out.delta().double(), want, rtol=1e-4, atol=1e-6)
+        assert out.rank == layer.rank and out.alpha == layer.alpha and out.weight_shape == (m, nt)
 
 
-def test_sidewise_embeds_the_source_basis_for_cross_attention():
-    m, ns, nt, r = 40, 16, 48, 8
-    layer = _layer(m, ns, k=3)
-    src, tgt = _basis(m, ns, r, seed=2), _basis(m, nt, r, seed=3)
-    out = project_sidewise(layer, src, tgt, (m, nt), 0.4, 0.7)
-    d = torch.zeros(m, nt, dtype=torch.float64)
-    d[:, :ns] = _delta64(layer)
-    torch.testing.assert_close(out.delta().double(), _sidewise64(d, src, tgt, 0.4, 0.7, ns=ns), rtol=1e-4,
-                               atol=1e-6)
+def test_soft_operator_is_the_identity_on_equal_weights_and_w_is_one_there():
+    w = _weight(64, 48, seed=5)
+    layer = _layer(64, 48, k=4)
+    for mode in ("auto", "subspace+null"):
+        w_u, w_v = soft_weights(_spectrum(w), _spectrum(w), 10, mode)
+        out = project_soft(layer, _spectrum(w), _spectrum(w), 10, (64, 48), w_u, w_v)
+        assert (w_u, w_v) == (pytest.approx(1.0, abs=1e-6), pytest.approx(1.0, abs=1e-6))
+        torch.testing.assert_close(out.delta().double(), _delta64(layer), rtol=1e-4, atol=1e-6)
 
 
-def test_mode_weights_and_the_identity_axiom():
-    from lorax_engine.analysis.similarity import LayerSimilarity, SideScore
+def test_the_knee_and_the_side_weight():
+    s = torch.tensor([100.0, 25.0, 10.0, 5.0, 2.0, 1.0, 0.2, 0.0])
+    theta = knee_angles(s, 6)                # sigma_r = 1: 0 at or below 1/5, pi/4 at 1, pi/2 at or above 5
+    assert float(theta[5]) == pytest.approx(math.pi / 4)
+    assert [float(x) for x in theta[[0, 1, 2, 3]]] == [pytest.approx(math.pi / 2)] * 4
+    assert float(theta[6]) == pytest.approx(0.0, abs=1e-12) and float(theta[7]) == 0.0 and 0 < float(theta[4]) < 1.5
+    # a rank covering every direction: every direction of nonzero sigma is fully inside
+    assert [float(x) for x in knee_angles(s, 8)] == [pytest.approx(math.pi / 2)] * 7 + [0.0]
+    assert [side_weight(x) for x in (-0.2, 0.0, 0.5, 0.9, 1.0, 1.3)] == \
+        [0.0, 0.0, 0.75, pytest.approx(0.99), 1.0, 1.0]
 
-    sim = LayerSimilarity(SideScore(0.6, 0.25, 0.47), SideScore(0.2, 0.25, -0.07))
-    assert side_weights("auto", sim) == (pytest.approx(0.47), 0.0)        # clamped to [0, 1]
-    assert side_weights("subspace+null", sim) == (1.0, 1.0)
+
+def test_the_identity_axiom_applies_to_the_side_wise_modes():
     assert passes_through("auto", True) and passes_through("subspace+null", True)
     assert not passes_through("subspace", True) and not passes_through("auto", False)
 

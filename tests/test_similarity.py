@@ -121,12 +121,12 @@ def test_layer_score_is_the_smaller_side_and_cross_attention_is_embedded():
     w_s = torch.randn(64, 24, generator=g)
     # target: the source in the first 24 input columns plus unrelated columns for the rest
     w_t = torch.cat([w_s, 0.01 * torch.randn(64, 40, generator=g)], dim=1)
-    bs, bt = compute_basis(w_s, SubspaceSpec(8, "exact")), compute_basis(w_t, SubspaceSpec(8, "exact"))
+    bs, bt = compute_basis(w_s, SubspaceSpec(8, "exact")).top(8), compute_basis(w_t, SubspaceSpec(8, "exact")).top(8)
     sim = layer_similarity(bs, bt)
     assert sim.u.normalised > 0.99 and sim.v.normalised > 0.99
     assert sim.score == min(sim.u.normalised, sim.v.normalised)
     moved = torch.cat([0.01 * torch.randn(64, 40, generator=g), w_s], dim=1)   # same weights, other slot
-    assert layer_similarity(bs, compute_basis(moved, SubspaceSpec(8, "exact"))).v.normalised < 0.05
+    assert layer_similarity(bs, compute_basis(moved, SubspaceSpec(8, "exact")).top(8)).v.normalised < 0.05
     with pytest.raises(ValueError):
         layer_similarity(bt, bs)           # a wider source input cannot be embedded
 
@@ -134,13 +134,14 @@ def test_layer_score_is_the_smaller_side_and_cross_attention_is_embedded():
 def test_zoo_clip_l_is_identical_in_sd15_and_sdxl_and_finetunes_stay_close(zoo):
     spec = SubspaceSpec(320, "exact")
     key = "text_model.encoder.layers.5.self_attn.k_proj.weight"
-    a = compute_basis(zoo.weight("sd15", "cond_stage_model.transformer." + key), spec)
-    b = compute_basis(zoo.weight("sdxl", "conditioner.embedders.0.transformer." + key), spec)
+    a = compute_basis(zoo.weight("sd15", "cond_stage_model.transformer." + key), spec).top(320)
+    b = compute_basis(zoo.weight("sdxl", "conditioner.embedders.0.transformer." + key), spec).top(320)
     assert layer_similarity(a, b).score == pytest.approx(1.0, abs=1e-5)
     unet = "model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_v.weight"
-    base = compute_basis(zoo.weight("sd15", unet), spec)
-    tuned = compute_basis(zoo.weight("sd15_finetune", unet), spec)
-    other = compute_basis(zoo.weight("sdxl", unet.replace("transformer_blocks.0", "transformer_blocks.1")), spec)
+    base = compute_basis(zoo.weight("sd15", unet), spec).top(320)
+    tuned = compute_basis(zoo.weight("sd15_finetune", unet), spec).top(320)
+    other = compute_basis(zoo.weight("sdxl", unet.replace("transformer_blocks.0", "transformer_blocks.1")),
+                          spec).top(320)
     assert layer_similarity(base, tuned).score > 0.9
     assert abs(layer_similarity(base, other).score) < 0.02
 
@@ -153,7 +154,7 @@ def test_pair_store_round_trips_through_disk_and_ignores_damage(tmp_path):
     store.flush()
     again = PairStore(tmp_path)
     assert again.get("sha256:a", "sha256:b", "spec") == sim
-    flagged = LayerSimilarity(sim.u, sim.v, identical=True, estimate=True)
+    flagged = LayerSimilarity(sim.u, sim.v, identical=True, estimate=True, hi=0.9)
     again.put("sha256:a", "sha256:c", "spec", flagged)
     again.flush()
     assert PairStore(tmp_path).get("sha256:a", "sha256:c", "spec") == flagged

@@ -42,14 +42,20 @@ def sd15_path(zoo):
 
 
 @pytest.fixture(scope="module")
+def finetune_path(zoo):
+    return str(zoo.checkpoint("sd15_finetune"))
+
+
+@pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("lorax_cache")
 
 
-def test_transfer_writes_lora_report_and_plot_and_reuses_the_cache(sd15_path, cache_dir, tmp_path, capsys):
+def test_transfer_writes_lora_report_and_plot_and_reuses_the_cache(sd15_path, finetune_path, cache_dir, tmp_path,
+                                                                   capsys):
     lora_path = _write_lora(tmp_path / "style.safetensors")
     out, report, plot = tmp_path / "out.safetensors", tmp_path / "r.json", tmp_path / "p.png"
-    args = ["transfer", "--source-model", sd15_path, "--target-model", sd15_path, "--lora", str(lora_path),
+    args = ["transfer", "--source-model", sd15_path, "--target-model", finetune_path, "--lora", str(lora_path),
             "--out", str(out), "--report", str(report), "--plot", str(plot), "--cache-dir", str(cache_dir),
             "--exact", "--quiet"]
     assert main(args) == 0
@@ -58,8 +64,8 @@ def test_transfer_writes_lora_report_and_plot_and_reuses_the_cache(sd15_path, ca
 
     # the file holds what the engine computes in-process (fp16 on disk)
     lora = read_lora(lora_path)
-    with CheckpointWeights(sd15_path) as w:
-        expected, _ = transfer(lora, w, w, TransferOptions(method="exact"), cache=SubspaceCache(cache_dir))
+    with CheckpointWeights(sd15_path) as w, CheckpointWeights(finetune_path) as t:
+        expected, _ = transfer(lora, w, t, TransferOptions(method="exact"), cache=SubspaceCache(cache_dir))
     written = read_lora(out)
     assert sorted(written.layers) == sorted(expected.layers) == sorted(KEYS)
     for key, layer in expected.layers.items():
@@ -70,7 +76,8 @@ def test_transfer_writes_lora_report_and_plot_and_reuses_the_cache(sd15_path, ca
     assert meta["lorax.layers_applied"] == "4" and meta["lorax.mode"] == DEFAULT_MODE
     # provenance users can check: the files read with their sha256, and the written file's own hashes
     assert meta["lorax.source_lora"] == "style.safetensors"
-    assert meta["lorax.source_model"] == meta["lorax.target_model"] == os.path.basename(sd15_path)
+    assert meta["lorax.source_model"] == os.path.basename(sd15_path)
+    assert meta["lorax.target_model"] == os.path.basename(finetune_path)
     assert meta["lorax.source_lora_sha256"] == hashlib.sha256(lora_path.read_bytes()).hexdigest()
     data_bytes = out.read_bytes()
     tensor_data = data_bytes[8 + int.from_bytes(data_bytes[:8], "little"):]
@@ -88,7 +95,9 @@ def test_transfer_writes_lora_report_and_plot_and_reuses_the_cache(sd15_path, ca
     assert data["provenance"]["lorax.source_model_sha256"] == meta["lorax.source_model_sha256"]
     assert data["summary"]["applied"] == 4 and len(data["layers"]) == 4
     assert {t["target_key"] for t in data["targets"]} == set(KEYS)
-    assert data["cache"]["similarity"]["computed"] > 0
+    # the fine-tune's every weight moved: each applied pair scored exactly on spectra of both weights
+    assert data["work"]["scored_exactly"] >= 4 and data["work"]["identical_by_value"] == 0
+    assert data["cache"]["similarity"]["computed"] + data["cache"]["projection"]["computed"] >= 8
     img = Image.open(plot)
     assert img.format == "PNG" and img.size[0] >= 480
 
@@ -96,7 +105,8 @@ def test_transfer_writes_lora_report_and_plot_and_reuses_the_cache(sd15_path, ca
     assert main(args) == 0
     again = json.loads(report.read_text())
     assert again["cache"]["similarity"]["computed"] == 0 and again["cache"]["projection"]["computed"] == 0
-    assert again["cache"]["projection"]["disk_hits"] + again["cache"]["projection"]["memory_hits"] >= 4
+    assert again["cache"]["projection"]["disk_hits"] + again["cache"]["projection"]["memory_hits"] >= 8
+    assert again["work"] == data["work"]
 
 
 def test_similarity_command_writes_map_and_plot(sd15_path, cache_dir, tmp_path, capsys):

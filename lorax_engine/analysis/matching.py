@@ -18,24 +18,34 @@ up-projections ``ff.net.0.proj`` / ``mlp.fc1``). With no candidate a layer is dr
 Policies pick among the candidates by normalised similarity score (``score >= threshold`` passes):
 
 * ``best`` (default, block-level, METHOD §4): each source *unit* (a transformer block ``input_blocks.4.1.tb0``,
-  or the rest of a block: proj_in/out, a resnet, a text-encoder layer) goes whole to the single target unit of
-  its stage with the highest score over all its layers, weighted by the LoRA's energy per layer (equal weights
-  without a LoRA), so q, k, v, out and ff of one block stay together (q and k only make sense as a pair).
-  Ties: the target unit with the source's own name (identity layouts), then model order. Within the chosen unit
-  each layer is applied if its own score passes; a layer whose role the chosen unit lacks is dropped.
-* ``all-above-threshold``: every passing candidate, each at full strength (per layer).
+  or the rest of a block: a resnet, a text-encoder layer) goes whole to the single target unit of its stage with
+  the highest score over all its layers, weighted by the LoRA's energy per layer (equal weights without a LoRA),
+  so q, k, v, out and ff of one block stay together. Ties: identical weights, then the target unit with the
+  source's own name (identity layouts), then model order. Within the chosen unit each layer is applied if its own
+  score passes; a layer whose role the chosen unit lacks is dropped.
+* ``all-above-threshold``: every passing candidate, each at full strength.
 * ``spread``: every passing candidate, each at strength 1 / (number applied), so the total is the source's.
   (METHOD says "every block of the stage"; we let the threshold gate it like the other policies.)
 
+In every policy (METHOD §4, "kept together"): an attention's q and k pass together or not at all, tested as one
+(both must pass, in the same target unit, at the same strength); a SpatialTransformer's proj_in / proj_out go to
+the target blocks the transformer blocks they wrap went to (``best``: the block of the LoRA's heaviest one), when
+the LoRA has those; the target's own unused layers (CLIP-L's last layer under SDXL) are no candidates.
+
+Decisions are made on evidence (:class:`Evidence`: the most the exact score can be, similarity.py; exact or not): an
+estimate only rules a candidate out, and whatever may pass or lead is scored exactly first; :func:`decide` names
+the pairs to refine (METHOD §2b).
+
 Default threshold 0.05, on the chance-normalised score. Chance-level scores of independent r-dimensional
-subspaces of R^d have standard deviation about sqrt(2) / (d - r): <= 0.0044 for every SD width at r = 320
-(d >= 640), and the best of 30 candidates sits ~2 sd above 0. Measured on the zoo's independent SD1.5 and
-SDXL UNets (a full-coverage rank-32 LoRA, 1714 candidate pairs): every score lay in [-0.0075, 0.0031],
-while a fine-tune (3% drift) scores 0.97-0.98 and identical layers 1.0 (tests/test_transfer.py). 0.05 is
-thus 15x the highest chance score seen, yet keeps any layer with real shared structure.
+subspaces of R^d have standard deviation about sqrt(2) / d (measured: 0.0022 at d = 640, 0.0011 at 1280), so
+the best of 30 candidates sits ~2 sd above 0. Measured on the zoo's independent SD1.5 and SDXL UNets (a
+full-coverage rank-32 LoRA, 1714 candidate pairs): every score lay in [-0.0075, 0.0031], while a fine-tune
+(3% drift) scores 0.97-0.98 and identical layers 1.0 (tests/test_transfer.py). 0.05 is thus 15x the highest
+chance score seen, yet keeps any layer with real shared structure.
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 
@@ -62,7 +72,6 @@ DROP_SHAPE = "shape"
 DROP_NOT_IN_SOURCE = "not in source model"
 DROP_UNUSED_BY_TARGET = "unused by target"
 DROP_NOT_IN_UNIT = "no counterpart in the chosen block"
-NOT_BEST = "another candidate scored higher"
 NOT_BEST_UNIT = "another block scored higher"
 # SDXL and its derivatives condition on the penultimate layer of both text encoders, so a LoRA's update of the
 # last layer has no effect there (SD1.5 reads CLIP-L's last layer): such layers are reported, not applied.
@@ -168,9 +177,10 @@ class TargetIndex:
         self.target = target
         self._keys = set(target.keys())
         self._by_role: dict[tuple[str, str], list[tuple[LayerRef, tuple[int, ...]]]] = {}
+        architecture = getattr(target, "architecture", "")
         for key in self._keys:
             ref = parse_key(key)
-            if ref is None:
+            if ref is None or unused_by_target(ref, architecture):      # never read by the target: no candidate
                 continue
             shape = tuple(target.shape(key))
             if len(shape) not in (2, 4):
@@ -225,51 +235,224 @@ def check_policy(policy: str, threshold: float):
                                   f"candidate), got {threshold!r}")
 
 
-def select(source_key: str, scored: list[tuple[str, float]], policy: str, threshold: float
-           ) -> tuple[dict[str, float], dict[str, str]]:
-    """Apply a policy to ``[(target key, score)]`` (in model order).
+@dataclass(frozen=True)
+class Evidence:
+    """What is known of one candidate pair's normalised score: it is at most ``hi``; ``exact``: it is ``hi``
+    (exact subspaces or identical weights). Decisions use an estimate only to rule a pair out: whatever may pass
+    or lead is scored exactly first (its spectra are needed to project it anyway). Nothing known yet: ``hi`` 1."""
 
-    Returns ({target key: strength} for the chosen ones, {target key: reason} for the others).
+    hi: float = 1.0
+    exact: bool = False
+    identical: bool = False
+    unscored: bool = False
+
+
+UNKNOWN = Evidence()
+
+
+@dataclass
+class LayerChoice:
+    """A LoRA layer to place: its position, the LoRA's energy on it (block-level ``best`` weighs by it) and what is
+    known of each candidate."""
+
+    ref: LayerRef
+    weight: float
+    candidates: dict[str, Evidence]
+
+
+@dataclass
+class Decisions:
+    """``chosen``: source key -> {target key: strength}; ``reasons``: source key -> {target key: why not};
+    ``needs``: (source, target) pairs whose evidence must improve before the rest can be decided."""
+
+    chosen: dict[str, dict[str, float]] = field(default_factory=dict)
+    reasons: dict[str, dict[str, str]] = field(default_factory=dict)
+    needs: set[tuple[str, str]] = field(default_factory=set)
+
+
+# an attention's q and k only make sense as a pair (their product is the attention map): one decision for both
+QK_PARTNERS = {"attn1.to_q": "attn1.to_k", "attn2.to_q": "attn2.to_k", "self_attn.q_proj": "self_attn.k_proj"}
+# a SpatialTransformer's proj_in / proj_out go where the transformer blocks they wrap go
+FOLLOWERS = frozenset({"proj_in", "proj_out"})
+DROP_PARTNER = "its q/k partner does not pass there"
+DROP_WRAPPED_ELSEWHERE = "the transformer blocks it wraps went elsewhere"
+PASS, FAIL, OPEN = "pass", "fail", "open"
+
+
+def _groups(layers: dict[str, LayerChoice]) -> list[tuple[str, ...]]:
+    """q and k of one attention (both in the LoRA) as one group; every other layer alone."""
+    by_role = {(unit_of(c.ref), c.ref.role): k for k, c in layers.items()}
+    partner_of = {}
+    for (unit, role), key in by_role.items():
+        other = by_role.get((unit, QK_PARTNERS.get(role)))
+        if other is not None:
+            partner_of[key], partner_of[other] = other, key
+    groups, seen = [], set()
+    for key in sorted(layers, key=lambda k: (layers[k].ref.order, k)):
+        if key not in seen:
+            group = (key, partner_of[key]) if key in partner_of else (key,)
+            seen.update(group)
+            groups.append(group)
+    return groups
+
+
+def _in_unit(choice: LayerChoice) -> dict[str, str]:
+    """{target unit: target key} of a layer's candidates (a unit holds one layer per role)."""
+    return {unit_of(parse_key(t)): t for t in choice.candidates}
+
+
+def _test(group, units_of, layers, unit, threshold) -> tuple[str, dict[str, str], set]:
+    """Does ``group`` pass the threshold in target ``unit``? ``(PASS | FAIL | OPEN, reasons, pairs to score)``:
+    every member must pass; one whose upper bound is below the threshold fails the group; passing needs exact
+    scores."""
+    members = []
+    for s in group:
+        t = units_of[s].get(unit)
+        if t is None:
+            return FAIL, {m: DROP_PARTNER for m in group if units_of[m].get(unit)}, set()
+        members.append((s, t, layers[s].candidates[t]))
+    low = {s for s, _, ev in members if ev.hi < threshold}
+    if low:
+        return FAIL, {s: DROP_BELOW_THRESHOLD if s in low else DROP_PARTNER for s, _, _ in members}, set()
+    unsure = {(s, t) for s, t, ev in members if not ev.exact}
+    return (OPEN, {}, unsure) if unsure else (PASS, {}, set())
+
+
+def _block_score(unit_layers, units_of, layers, target_unit) -> tuple[float, bool, bool]:
+    """``best``'s block score of a target unit, the LoRA-energy-weighted mean of the layers' scores (a role the unit
+    lacks scores 0): ``(upper bound, exact, every layer on identical weights)``. Unscored pairs (every candidate
+    scores 1) count only when no layer of the unit has an informative pair."""
+    used = [s for s in unit_layers if any(not ev.unscored for ev in layers[s].candidates.values())] or unit_layers
+    total = sum(layers[s].weight for s in used)
+    hi, exact, identical = 0.0, True, True
+    for s in used:
+        weight = layers[s].weight / total if total > 0 else 1.0 / len(used)
+        t = units_of[s].get(target_unit)
+        ev = layers[s].candidates[t] if t is not None else Evidence(0.0, True)
+        hi += weight * ev.hi
+        exact, identical = exact and ev.exact, identical and ev.identical
+    return hi, exact, identical
+
+
+def _best_unit(unit, unit_layers, groups, units_of, layers, threshold, out: Decisions) -> tuple[str | None, bool]:
+    """``(target unit, still open)``: where ``unit`` goes. ``(None, False)`` when no candidate could pass anywhere
+    (the choice would change nothing); ``(None, True)`` while the evidence cannot tell, with ``out.needs`` naming
+    what to score exactly: the most promising unit first, then every unit whose upper bound reaches the best exact
+    block score. Ties between exact scores: identical weights, then the source's own name, then model order."""
+    targets = sorted({tu for s in unit_layers for tu in units_of[s]}, key=lambda tu: _unit_order(units_of, tu))
+    if not targets or all(_test(g, units_of, layers, tu, threshold)[0] == FAIL for tu in targets for g in groups):
+        return None, False
+    scored = {tu: _block_score(unit_layers, units_of, layers, tu) for tu in targets}
+    exact = [tu for tu in targets if scored[tu][1]]
+    # max keeps the first in model order among equal keys
+    leader = max(exact, key=lambda tu: (scored[tu][0], scored[tu][2], tu == unit)) if exact else None
+    pending = [tu for tu in targets if not scored[tu][1]]
+    if leader is not None:      # a unit that is not exact could beat the leader, or tie it unless it is identical
+        best, identical = scored[leader][0], scored[leader][2]
+        pending = [tu for tu in pending if scored[tu][0] > best or (scored[tu][0] == best and not identical)]
+        if not pending:
+            return leader, False
+    else:
+        pending = [max(pending, key=lambda tu: scored[tu][0])]
+    for tu in pending:
+        for s in unit_layers:
+            t = units_of[s].get(tu)
+            if t is not None and not layers[s].candidates[t].exact:
+                out.needs.add((s, t))
+    return None, True
+
+
+def _unit_order(units_of, target_unit):
+    for targets in units_of.values():
+        t = targets.get(target_unit)
+        if t is not None:
+            return parse_key(t).order
+    return ()
+
+
+def _apply_groups(groups, units_of, layers, allowed, threshold, spread, out: Decisions, elsewhere: str):
+    """Decide each group over the target units in ``allowed`` (a function of the group); candidates outside get
+    ``elsewhere`` as their reason."""
+    for group in groups:
+        units = allowed(group)
+        results = {tu: _test(group, units_of, layers, tu, threshold) for tu in units}
+        still = set().union(*(r[2] for r in results.values())) if results else set()
+        if still:
+            out.needs |= still
+            continue
+        passing = [tu for tu in units if results[tu][0] == PASS]
+        strength = 1.0 / len(passing) if spread and passing else 1.0
+        for s in group:
+            chosen, reasons = {}, {}
+            for tu, t in units_of[s].items():
+                if tu in passing:
+                    chosen[t] = strength
+                elif tu in results:
+                    reasons[t] = results[tu][1].get(s, DROP_PARTNER)
+                else:
+                    reasons[t] = elsewhere
+            out.chosen[s], out.reasons[s] = chosen, reasons
+
+
+def decide(layers: dict[str, LayerChoice], policy: str, threshold: float) -> Decisions:
+    """Which target layers receive which source layer (module docstring), made on what is known: a decision whose
+    margin the evidence cannot settle is not made; the pairs it needs refined come back in ``needs``
+    (call again once they are).
+
+    q and k of one attention pass together or not at all (one test on both, in every policy); proj_in / proj_out
+    follow the target blocks the transformer blocks they wrap went to (``best``: the block of the heaviest one),
+    when the LoRA has those.
     """
     check_policy(policy, threshold)
-    passing = [(k, s) for k, s in scored if s >= threshold]
-    reasons = {k: DROP_BELOW_THRESHOLD for k, s in scored if s < threshold}
+    out = Decisions()
+    units_of = {s: _in_unit(c) for s, c in layers.items()}
+    wrapped = {c.ref.block for c in layers.values() if c.ref.depth is not None}
+    follower = sorted(s for s, c in layers.items() if c.ref.role in FOLLOWERS and c.ref.depth is None
+                      and c.ref.block in wrapped)
+    groups = [g for g in _groups(layers) if g[0] not in follower]
+    spread = policy == "spread"
+    went: dict[str, set[str] | None] = {block: set() for block in wrapped}   # None: not decided yet
     if policy == "best":
-        if not scored:
-            return {}, reasons
-        rank = sorted(range(len(scored)), key=lambda i: (-scored[i][1], scored[i][0] != source_key, i))
-        best_key, best_score = scored[rank[0]]
-        if best_score < threshold:
-            return {}, reasons
-        reasons.update({k: NOT_BEST for k, s in passing if k != best_key})
-        return {best_key: 1.0}, reasons
-    strength = 1.0 / len(passing) if (policy == "spread" and passing) else 1.0
-    return {k: strength for k, _ in passing}, reasons
-
-
-def select_units(units: dict[str, list[tuple[float, dict[str, tuple[float, bool]]]]]
-                 ) -> dict[str, tuple[str | None, dict[str, float]]]:
-    """Block-level ``best`` (METHOD §4): the target unit each source unit goes to.
-
-    ``units``: source unit -> ``[(energy weight, {target key: (score, unscored)})]``, one entry per layer.
-    Returns source unit -> (chosen target unit or None, {target unit: block score}). The block score is the
-    weighted mean of the layers' scores (equal weights when they sum to 0); a target unit lacking one of the
-    layers' roles scores 0 for it. Unscored pairs (every candidate scores 1) carry no evidence and count only
-    when no layer of the unit has an informative pair. The caller applies the threshold per layer.
-    """
-    out = {}
-    for unit, layers in units.items():
-        used = [x for x in layers if any(not unscored for _, unscored in x[1].values())] or layers
-        total = sum(w for w, _ in used)
-        order: dict[str, tuple] = {}
-        sums: dict[str, float] = {}
-        for w, targets in used:
-            weight = w / total if total > 0 else 1.0 / len(used)
-            for t, (score, _) in targets.items():
-                tref = parse_key(t)
-                tunit = unit_of(tref)
-                order.setdefault(tunit, tref.order)
-                sums[tunit] = sums.get(tunit, 0.0) + weight * score
-        best = min(sums, key=lambda u: (-sums[u], u != unit, order[u])) if sums else None
-        out[unit] = (best, sums)
+        by_unit: dict[str, list[tuple[str, ...]]] = {}
+        for g in groups:
+            by_unit.setdefault(unit_of(layers[g[0]].ref), []).append(g)
+        heaviest: dict[str, tuple[float, str]] = {}
+        for unit, unit_groups in by_unit.items():
+            unit_layers = [s for g in unit_groups for s in g]
+            ref = layers[unit_layers[0]].ref
+            target, still_open = _best_unit(unit, unit_layers, unit_groups, units_of, layers, threshold, out)
+            if still_open and ref.depth is not None:
+                went[ref.block] = None
+            if target is None:
+                if not still_open:      # nothing could pass anywhere: each candidate says why it fails
+                    _apply_groups(unit_groups, units_of, layers, lambda g: list(units_of[g[0]]), threshold, False,
+                                  out, DROP_PARTNER)
+                continue
+            _apply_groups(unit_groups, units_of, layers, lambda g, t=target: [t], threshold, False, out,
+                          NOT_BEST_UNIT)
+            weight = sum(layers[s].weight for s in unit_layers)
+            if ref.depth is not None and weight >= heaviest.get(ref.block, (-1.0, ""))[0]:
+                heaviest[ref.block] = (weight, parse_key(units_of[unit_layers[0]][target]).block)
+        for block, (_, target_block) in heaviest.items():
+            if went[block] is not None:
+                went[block] = {target_block}
+    else:
+        _apply_groups(groups, units_of, layers, lambda g: _common_units(g, units_of), threshold, spread, out,
+                      DROP_PARTNER)
+        for g in groups:
+            ref = layers[g[0]].ref
+            if ref.depth is None or went[ref.block] is None:
+                continue
+            if any(s not in out.chosen for s in g):
+                went[ref.block] = None
+            else:
+                went[ref.block] |= {parse_key(t).block for s in g for t in out.chosen[s]}
+    ready = [(s,) for s in follower if went[layers[s].ref.block] is not None]
+    _apply_groups(ready, units_of, layers, lambda g: [tu for tu in units_of[g[0]] if tu in went[layers[g[0]].ref.block]],
+                  threshold, spread, out, NOT_BEST_UNIT if policy == "best" else DROP_WRAPPED_ELSEWHERE)
     return out
+
+
+def _common_units(group, units_of) -> list[str]:
+    """The target units holding a candidate of every member (in model order of the first member's candidates)."""
+    return [tu for tu in units_of[group[0]] if all(tu in units_of[s] for s in group)]

@@ -28,20 +28,36 @@ layer and SDXL on its penultimate one, so the slot matches in meaning only appro
 A pair is *unscored* when neither side is informative (rank >= both widths): every candidate would score 1,
 so the score says nothing and is flagged, never reported as "perfect". A pair is *identical* when the two
 weights are equal after casting both to the lower of their precisions (:func:`identical_after_cast`; SD1.5's
-fp32 CLIP-L vs SDXL's fp16 copy): both sides then score exactly 1 (METHOD §1's anchor). ``estimate`` marks
-scores computed from screening bases that are estimates (randomised sketches), not exact subspaces.
+fp32 CLIP-L vs SDXL's fp16 copy): both sides then score exactly 1 (METHOD §1's anchor).
+
+Estimates (METHOD §2b). ``estimate`` marks scores computed from screening sketches (subspaces.py), not exact
+subspaces; such a score comes with ``hi``, the most the exact score can be, from a measured envelope, per side: a
+sketch's normalised score is at least the exact one shrunk toward 0 (chance) by ``SKETCH_SHRINK_MIN``, less
+``SKETCH_NOISE_SDS`` standard deviations of chance-level scores, ``sqrt(2) / d`` (measured: 0.0022 at d = 640,
+0.0011 at 1280; a sketch's score of an unrelated pair strayed from the exact one by 1.1 of them on average, 2.3
+at most). Shrinking is what an unconverged sketch does on a slow spectrum: its top-r subspace mixes directions
+around index r, and whatever relation two weights have is diluted (same-subspace pairs on i^-0.2 spectra scored
+0.35-0.5 instead of 1). Only the upper bound is used, to rule pairs out: a lower bound does not hold (where a
+pair's relation is built from swapped directions, as in lorax_zoo.pairs' partial overlaps, a sketch can score it
+above the exact value), so whatever may pass a threshold or lead a block is scored exactly. The bound is not a
+model fitted to a few cases: tests/test_screening.py checks it on every pair kind of lorax_zoo.pairs (identical,
+same subspaces, partial overlaps from anti-correlated to 0.9, fine-tunes at several drifts, unrelated), spectra
+i^-0.2 .. i^-1 at condition numbers 1e2 .. 1e4, square and rectangular shapes and the k/v slot.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..atomic import write_text_atomic
-from .subspaces import Basis
+from .subspaces import Basis, Spectrum
+
+SKETCH_SHRINK_MIN = 0.2     # smallest factor a sketch's normalised score is shrunk toward chance by (see above)
+SKETCH_NOISE_SDS = 4.0      # chance-level standard deviations a sketch's score may stray beyond the shrinking
 
 
 @dataclass(frozen=True)
@@ -58,11 +74,17 @@ class LayerSimilarity:
     u: SideScore
     v: SideScore
     identical: bool = False               # equal weights after casting to the lower precision
-    estimate: bool = False                # from screening bases that approximate the subspaces
+    estimate: bool = False                # from screening sketches that approximate the subspaces
+    hi: float | None = None               # estimates: the exact score is at most this (module docstring)
 
     @property
     def score(self) -> float:
         return min(self.u.normalised, self.v.normalised)
+
+    @property
+    def upper(self) -> float:
+        """What the exact score is at most: the score itself unless this is an estimate."""
+        return self.hi if self.estimate else self.score
 
     @property
     def unscored(self) -> bool:
@@ -70,11 +92,12 @@ class LayerSimilarity:
         return not (self.u.informative or self.v.informative)
 
     def as_list(self) -> list:
-        return [*_side_list(self.u), *_side_list(self.v), self.identical, self.estimate]
+        return [*_side_list(self.u), *_side_list(self.v), self.identical, self.estimate, self.hi]
 
     @classmethod
     def from_list(cls, x) -> LayerSimilarity:
-        return cls(_side(x[0:5]), _side(x[5:10]), bool(x[10]), bool(x[11]))
+        estimate = bool(x[11])
+        return cls(_side(x[0:5]), _side(x[5:10]), bool(x[10]), estimate, float(x[12]) if estimate else None)
 
 
 def _side_list(side: SideScore) -> list:
@@ -137,20 +160,36 @@ def side_similarity(xs: torch.Tensor | None, xt: torch.Tensor | None, dim_s: int
     return SideScore(phi, chance, (phi - chance) / (1.0 - chance))
 
 
+def side_upper_bound(side: SideScore, dim: int) -> float:
+    """What the exact normalised score of a side is at most, given a sketch's (module docstring)."""
+    if not side.informative:
+        return side.normalised
+    up = side.normalised + SKETCH_NOISE_SDS * 2 ** 0.5 / dim
+    return min(up / SKETCH_SHRINK_MIN, 1.0) if up > 0 else up
+
+
 def layer_similarity(source: Basis, target: Basis) -> LayerSimilarity:
-    """Similarity of a source and a target layer from their bases (output widths must agree)."""
+    """Similarity of a source and a target layer from their top-r bases (output widths must agree); with an
+    estimate among them, the upper bound of the exact score too."""
+    if isinstance(source, Spectrum) or isinstance(target, Spectrum):
+        raise TypeError("layer_similarity compares top-r bases: take Spectrum.top(rank) first")
     (ms, ns), (mt, nt) = source.shape, target.shape
     if ms != mt:
         raise ValueError(f"output widths differ: {ms} vs {mt}")
-    estimate = getattr(source, "estimate", False) or getattr(target, "estimate", False)
-    return LayerSimilarity(side_similarity(source.u, target.u, ms, mt), side_similarity(source.v, target.v, ns, nt),
-                           estimate=bool(estimate))
+    u, v = side_similarity(source.u, target.u, ms, mt), side_similarity(source.v, target.v, ns, nt)
+    if not (source.estimate or target.estimate):
+        return LayerSimilarity(u, v)
+    return LayerSimilarity(u, v, estimate=True, hi=min(side_upper_bound(u, ms), side_upper_bound(v, ns)))
 
 
-def identical_similarity(sim: LayerSimilarity) -> LayerSimilarity:
-    """The similarity of identical weights: every informative side scores exactly 1 (METHOD §1's anchor)."""
-    perfect = lambda side: replace(side, phi=1.0, normalised=1.0) if side.informative else side  # noqa: E731
-    return LayerSimilarity(perfect(sim.u), perfect(sim.v), identical=True, estimate=False)
+def identical_pair_similarity(shape: tuple[int, int], rank: int) -> LayerSimilarity:
+    """The similarity of a weight with itself at rank r, without bases: every side scores exactly 1; a side that
+    r covers whole is uninformative, as :func:`side_similarity` has it."""
+    def side(dim):
+        chance = min(rank, min(shape)) / dim
+        return FULL_SIDE if chance >= 1.0 else SideScore(1.0, chance, 1.0)
+
+    return LayerSimilarity(side(shape[0]), side(shape[1]), identical=True)
 
 
 def identical_after_cast(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -190,7 +229,7 @@ class PairStore:
     atomically; an unreadable file is ignored (and replaced on the next write).
     """
 
-    VERSION = 2     # 2: slot-aware k/v scores, identical and estimate flags
+    VERSION = 3     # 3: estimates carry the upper bound of the exact score
 
     def __init__(self, directory: Path | None):
         self.directory = Path(directory) / "pairs" if directory is not None else None
@@ -250,4 +289,4 @@ def similarity_dict(sim: LayerSimilarity) -> dict:
             "score_u": sim.u.normalised, "score_v": sim.v.normalised,
             "informative_u": sim.u.informative, "informative_v": sim.v.informative, "score": sim.score,
             "slot_share_v": sim.v.slot_share, "identical": sim.identical, "unscored": sim.unscored,
-            "estimate": sim.estimate}
+            "estimate": sim.estimate, "score_upper_bound": sim.upper}

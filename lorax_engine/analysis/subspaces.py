@@ -1,69 +1,43 @@
-"""Top-r singular subspaces of base weights (METHOD.md, Notation), computed exactly or by sketching, and cached.
+"""Singular subspaces of base weights (METHOD.md, Notation, §2b, §2c): sketches to screen, whole spectra to score
+exactly and to project, and their cache.
 
-A weight ``W`` of shape ``[m, n]`` (a conv ``[m, c, kh, kw]`` read as ``[m, c*kh*kw]``) has at most
-``d = min(m, n)`` singular vectors. :func:`compute_basis` returns ``U_r [m, r]`` and ``V_r [n, r]`` with
-orthonormal columns, in float32, for ``r = min(rank, d)``. A side whose subspace is all of its space
-(``r >= m`` for U, ``r >= n`` for V) is returned as ``None``, meaning the identity: no rounding, and
-projections skip it.
+A weight ``W`` of shape ``[m, n]`` (a conv ``[m, c, kh, kw]`` read as ``[m, c*kh*kw]``) has ``d = min(m, n)``
+singular triplets. Two kinds of result, both float32 on the CPU:
 
-Methods (the choice is an option, ``SubspaceSpec.method``):
+* :class:`Spectrum` (methods ``"gram"`` and ``"exact"``): every triplet, ``u [m, d]``, ``v [n, d]``, ``s [d]``
+  descending. The smaller Gram matrix (``W^T W`` or ``W W^T``) is formed and eigendecomposed in float64: squaring
+  the spectrum is harmless there (it resolves singular values down to ~1e-8 s_1), while a float32 Gram moved the
+  top-320 projector of trained-looking weights (slow bulk, s_1 / s_r up to 1e4) by 1e-2 to 0.7 relative. The
+  other side is the QR of ``W V`` (or ``W^T U``): float32 for ``"gram"`` (the fast transfer's; it rounds u_i by
+  ~eps32 s_1 / s_i), float64 for ``"exact"``. Its top-r part (:meth:`Spectrum.top`) is the exact top-r
+  :class:`Basis` that §1's scores and the paper's Eq. 3 use; the whole spectrum is what §2c's soft operators
+  need (projection/operators.py). It does not depend on r, so one entry serves every rank.
+* :class:`Basis` (method ``"randomized"``): a sketch of the top-r subspaces, to screen candidates cheaply: a
+  Gaussian sketch of ``l = r + oversample`` columns (seeded from the weight's content: :func:`_content_seed`), ``power_iters`` rounds of subspace iteration with
+  Cholesky-QR re-orthonormalisation (products with W in ``sketch_dtype``; :func:`fast_sketch_dtype` picks
+  bfloat16 where the hardware multiplies it natively), then Rayleigh-Ritz with float32 products and a float64
+  eigensolver. Always an estimate: on the slow spectra of trained weights the top-r subspace is not resolved by a
+  few power iterations (it mixes the directions around index r), so scores from sketches shrink toward chance
+  (similarity.py states the measured envelope every decision made on them allows for). Where a sketch would be
+  as large as the weight (``r + oversample >= d``) the spectrum is computed instead.
 
-* ``"exact"``: eigendecomposition of the smaller Gram matrix ``W^T W`` (or ``W W^T``) in float64, then the
-  other side by a QR of ``W V`` (or ``W^T U``). Squaring the spectrum is harmless in float64 (it resolves
-  singular values down to ~1e-8 s_1), and on 2 CPU cores it is as fast as ``torch.linalg.svd`` for square
-  weights and 1.3-2x faster for rectangular ones. It agrees with a float64 SVD to ~3e-7 on the projector.
-  When ``r >= d`` no decomposition is needed: the full side is the identity and the other is the span of
-  W's rows (or columns), a QR.
-* ``"gram"``: the same Gram eigendecomposition in float64, but ``W V`` and its QR in float32: 1.2-1.5x cheaper
-  than exact. A float32 Gram (used up to ALGORITHM_VERSION 2) rounds each entry by 1e-3..1e-2 ``eps32 s_1^2``
-  in its eigenbasis: on trained-looking weights (lorax_zoo.pairs: slow bulk ``i^-0.2..0.5``, ``s_1/s_d`` up to
-  1e4) that moved the top-320 projector by 1e-2 (i^-0.2, cond 1e3) to 0.7 (cond 1e4). The fast transfer
-  projects with it. Never an estimate.
-* ``"randomized"``: randomised range finder (Halko, Martinsson, Tropp 2011, Alg. 4.4): a seeded Gaussian
-  sketch of ``l = r + oversample`` columns, ``power_iters`` rounds of subspace iteration with Cholesky-QR
-  re-orthonormalisation (products with W in ``sketch_dtype``; :func:`fast_sketch_dtype` picks bfloat16 where
-  the hardware multiplies it natively), then Rayleigh-Ritz with float32 products and a float64 eigensolver.
-  It then certifies itself (:func:`_iterations_needed`): from its own Ritz values it predicts the loss
-  ``1 - ||U^T U_exact||_F^2 / r`` after q iterations (per-direction convergence ``(s_{l+1}/s_i)^(2q+1)``,
-  ``s_{l+1}`` extrapolated from a power-law fit of the Ritz values over ``[r/2, r]``, times a safety factor,
-  plus the floor that rounding W to the sketch dtype sets). Within :data:`SKETCH_TOLERANCE` it returns the
-  sketch, marked ``estimate``; if a few more iterations (at most :data:`MAX_POWER_ITERS`) would get there it
-  runs them and looks again (a look needs the Ritz values only: an eigvalsh; the vectors are computed once, for
-  the sketch returned); otherwise it returns the "gram" basis (not an estimate). A similarity of
-  two sketched bases is then off by at most about ``2 * SKETCH_TOLERANCE / (1 - r/d)`` (0.008 at d = 640).
-  Falls back to exact when ``r + oversample >= d``.
-
-Measured accuracy (r = 320, against float64 SVDs; tests/test_subspaces_trained.py): zoo weights (``s_i ~ 1/i``
-with a noise floor) stay sketches: with p = 96 the certificate asks for q = 4-5 and the sketch captures
-99.92-99.97% of the exact subspace (q = 1, the old default, captured 96.7-97%: same-subspace pairs with
-different spectra scored 0.85-0.89 instead of 1). Trained-looking weights (``i^-0.2``, ``i^-0.35``, ``i^-0.5``
-at cond 1e3-1e4, and ``i^-1`` at cond 1e4 with bfloat16 products) are too flat at index r or too
-ill-conditioned for bfloat16: the sketch falls back to the Gram basis after one look (true losses of the
-rejected sketches were 2e-2 to 0.45). Every certified sketch measured had loss <= 8.5e-4 (tolerance 2e-3).
-Scores from screening and gram bases agree with exact ones within 0.01 and projected rank-16 updates within
-1e-2 on every pair kind of lorax_zoo.pairs at 640 x 640 (default test run) and, in the slow tests, 1280 x 1280
-and 1280 x 5120, 10240 x 1280, 640 x 2048, 1280 x 2048.
-
-Cost per basis (one torch thread, as get_many runs two at once; 2-core VM under load, medians of 3; old = v2):
-screening 1280 x 1280: zoo 0.20 -> 0.56 s, trained 0.14 -> 1.35 s (the sketch's look plus the Gram); 640 x
-640: zoo 0.15 -> 0.40 s, trained 0.16 -> 0.30 s; 10240 x 1280: zoo 1.46 -> 3.04 s, trained 0.75 -> 3.99 s;
-1280 x 5120: zoo 0.35 -> 1.23 s, trained 0.46 -> 1.97 s. Projection ("gram"): 1280 x 1280 1.02 -> 1.23 s,
-10240 x 1280 1.93 -> 2.74 s, 1280 x 5120 1.47 -> 1.91 s (float64 Gram product). The old screening numbers
-bought 0.85 where 1.0 was right.
+Cost per weight on one core of the 2-core VM (Intel Xeon, AVX512-BF16; bfloat16 sketch, q = 1): sketch 1280 x 1280
+~0.1 s, 10240 x 1280 ~0.4 s; spectrum 1280 x 1280 ~0.6 s (the float64 eigendecomposition 0.45 s), 10240 x 1280
+~1.3 s.
 
 Cache (:class:`SubspaceCache`): an in-memory LRU bounded in bytes plus an optional on-disk cache. The key
 is the weight's content fingerprint (sha256 of its stored bytes, dtype and shape; see
 :mod:`lorax_engine.files.base_weights`), its matrix shape, the effective method with all its parameters, the
-output dtype and an algorithm version, so a stale basis cannot be served. Disk entries are safetensors
-files written atomically (temporary file + ``os.replace``) and validated on read (key, checksum, shapes, dtype,
-finite values, unit columns); a bad entry is deleted and recomputed. No pickle anywhere.
+output dtype and an algorithm version, so a stale entry cannot be served. A request for a sketch is served by a
+spectrum of the same weight when one is at hand (it is exact). Disk entries are safetensors files written
+atomically (temporary file + ``os.replace``) and validated on read (key, checksum, shapes, dtype, finite values,
+unit columns); a bad entry is deleted and recomputed. No pickle anywhere.
 """
 from __future__ import annotations
 
 import functools
 import hashlib
 import itertools
-import math
 import os
 import threading
 import time
@@ -78,16 +52,13 @@ import torch
 from ..atomic import atomic_path
 from ..errors import LoraFileError, TransferOptionError
 
-ALGORITHM_VERSION = 3      # 3: certified sketches (Gram where they cannot promise), float64 Gram fallback
+ALGORITHM_VERSION = 4      # 4: whole spectra for exact scores and projection, plain sketches to screen
 METHODS = ("exact", "gram", "randomized")
+SPECTRUM_METHODS = frozenset({"exact", "gram"})
 SKETCH_DTYPES = ("float32", "bfloat16")
 DEFAULT_RANK = 320
 DEFAULT_MEMORY_BYTES = 1 << 30
 CACHE_ENV = "LORAX_CACHE_DIR"
-# accuracy promise of the sketches (METHOD §2b), see the module docstring
-SKETCH_TOLERANCE = 2e-3     # predicted loss 1 - ||U^T U_exact||_F^2 / r a sketch may have
-SKETCH_SAFETY = 3.0         # margin on the per-direction convergence model (measured: it is off by up to 2.5x)
-MAX_POWER_ITERS = 6         # beyond this a sketch costs as much as the Gram on 2 CPU cores
 
 
 def default_cache_dir() -> Path:
@@ -98,10 +69,10 @@ def default_cache_dir() -> Path:
 
 @dataclass(frozen=True)
 class SubspaceSpec:
-    """How to compute a basis: rank r and method (with the sketch parameters for "randomized")."""
+    """How to compute: rank r and method (with the sketch parameters for "randomized")."""
 
     rank: int = DEFAULT_RANK
-    method: str = "exact"
+    method: str = "gram"
     oversample: int = 96
     power_iters: int = 1
     seed: int = 0
@@ -119,19 +90,17 @@ class SubspaceSpec:
                                       f"got {self.sketch_dtype!r}")
 
     def effective(self, m: int, n: int) -> SubspaceSpec:
-        """The spec actually used for an ``[m, n]`` weight: the rank clipped to min(m, n), and exact
-        wherever a sketch would be as large as the weight itself."""
+        """The spec actually used for an ``[m, n]`` weight: a spectrum keeps all ``d = min(m, n)`` directions
+        (its rank is d), and a sketch as large as the weight itself is a spectrum ("gram") instead."""
         d = min(m, n)
-        rank = min(self.rank, d)
-        if self.method == "exact" or rank >= d or (self.method == "randomized" and rank + self.oversample >= d):
-            return SubspaceSpec(rank, "exact")
-        if self.method == "gram":
-            return SubspaceSpec(rank, "gram")
-        return SubspaceSpec(rank, "randomized", self.oversample, self.power_iters, self.seed, self.sketch_dtype)
+        if self.method == "randomized" and self.rank + self.oversample < d:
+            return SubspaceSpec(self.rank, "randomized", self.oversample, self.power_iters, self.seed,
+                                self.sketch_dtype)
+        return SubspaceSpec(d, "exact" if self.method == "exact" else "gram")
 
     def describe(self) -> str:
-        if self.method in ("exact", "gram"):
-            return f"{self.method}(r={self.rank})"
+        if self.method in SPECTRUM_METHODS:
+            return f"{self.method}(d={self.rank})"
         return (f"randomized(r={self.rank},p={self.oversample},q={self.power_iters},seed={self.seed},"
                 f"{self.sketch_dtype})")
 
@@ -156,14 +125,18 @@ def fast_sketch_dtype(device: str = "cpu") -> str:
     return "bfloat16" if {"avx512_bf16", "amx_bf16"} & set(flags.split()) else "float32"
 
 
+def _placed(t: torch.Tensor | None, target) -> torch.Tensor | None:
+    return None if t is None else t.to(target)
+
+
 @dataclass
 class Basis:
     """Top-r singular subspaces of one weight matrix ``[m, n]``.
 
     ``u`` is ``[m, r]`` and ``v`` is ``[n, r]``, float32 with orthonormal columns; ``None`` means the side
     spans its whole space (identity projector). ``s`` holds the top singular values when computed.
-    ``estimate`` is True for a randomised sketch (its accuracy is a prediction from its own Ritz values, see
-    :data:`SKETCH_TOLERANCE`), False for an exact or Gram basis (the requested method may have fallen back).
+    ``estimate`` is True for a randomised sketch (scores from it carry similarity.py's envelope), False for the
+    top of a spectrum.
     """
 
     shape: tuple[int, int]
@@ -181,17 +154,48 @@ class Basis:
     def rank_v(self) -> int:
         return self.shape[1] if self.v is None else int(self.v.shape[1])
 
+    def top(self, rank: int) -> Basis:
+        """Itself: a sketch is computed at the rank asked for (:meth:`Spectrum.top` has the same signature)."""
+        return self
+
     def to(self, target: torch.dtype | torch.device | str) -> Basis:
         """The same subspaces with ``u`` and ``v`` cast to a dtype or placed on a device, as ``Tensor.to`` (no copy
         where nothing changes; ``s`` stays). Placed once, a basis serves many products on the LoRA's or the
         transfer's device. bfloat16 makes the ``r x r`` similarity product 3-4x cheaper on hardware with native
         bfloat16, and on orthonormal bases its rounding moves phi by < 1e-4 (7e-5 measured at 1280 x 320)."""
-        move = lambda t: None if t is None else t.to(target)  # noqa: E731
-        return replace(self, u=move(self.u), v=move(self.v))
+        return replace(self, u=_placed(self.u, target), v=_placed(self.v, target))
 
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.u, self.v, self.s) if t is not None)
+
+
+@dataclass
+class Spectrum:
+    """Every singular triplet of one weight matrix ``[m, n]``: ``u [m, d]``, ``v [n, d]``, ``s [d]`` (descending,
+    float32, orthonormal columns; ``d = min(m, n)``; directions of zero singular value included)."""
+
+    shape: tuple[int, int]
+    u: torch.Tensor
+    v: torch.Tensor
+    s: torch.Tensor
+    method: str
+    estimate: bool = False
+
+    def top(self, rank: int) -> Basis:
+        """The exact top-``rank`` subspaces; a side is the identity (None) when ``rank`` covers its whole space,
+        and the span of W's rows or columns when ``rank >= d`` on the longer side."""
+        m, n = self.shape
+        r = min(rank, self.s.shape[0])
+        return Basis(self.shape, None if r >= m else self.u[:, :r], None if r >= n else self.v[:, :r], self.s[:r],
+                     self.method)
+
+    def to(self, target: torch.dtype | torch.device | str) -> Spectrum:
+        return replace(self, u=self.u.to(target), v=self.v.to(target))
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.u, self.v, self.s))
 
 
 # --------------------------------------------------------------------------------------------- computing
@@ -211,37 +215,20 @@ def _orth_fast(x: torch.Tensor) -> torch.Tensor:
     return torch.linalg.solve_triangular(chol.to(x.dtype).T, x, upper=True, left=False)   # X L^-T
 
 
-def _gram(w: torch.Tensor, rank: int):
-    """Top-``rank`` triplets of ``w`` from the float64 eigendecomposition of its smaller Gram matrix (``W^T W``
-    or ``W W^T``, formed in float64); the other side is ``W V`` (or ``W^T U``) in ``w``'s dtype, made
-    orthonormal by a QR.
-
-    The Gram is float64 even for the "gram" method's float32 ``w``: a float32 Gram rounds every entry by
-    1e-3..1e-2 ``eps32 s_1^2`` (rms in its eigenbasis), which on trained-looking spectra (slow bulk, s_1 / s_r
-    up to 1e4) moved the top-320 projector by 1e-2 to 0.7 relative; only zoo-like 1/i weights with a small
-    condition number stayed within 1e-3. Deciding per weight needs the spectrum, i.e. a second
-    eigendecomposition, which costs more than the float64 Gram product (+0.04 s at 1280 x 1280, +0.24 s at
-    10240 x 1280 on one core). The float32 ``W V`` rounds u_i by ~eps32 s_1 / s_i: 6e-4 at s_1 / s_r = 1e4."""
+def _spectrum(w: torch.Tensor, exact: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(u, v, s)`` of every triplet of ``w``: the float64 eigendecomposition of the smaller Gram, the other side
+    the QR of ``W V`` (or ``W^T U``) in float64 (``exact``) or in ``w``'s float32. QR keeps the columns' order and
+    makes the directions of (numerically) zero singular values orthonormal too."""
     m, n = w.shape
     tall = m >= n
     wd = w.double()
     evals, evecs = torch.linalg.eigh(wd.T @ wd if tall else wd @ wd.T)
+    small = evecs.flip(-1)
+    s = evals.flip(0).clamp_min(0).sqrt()
+    x = wd if exact else w
+    big = _orth((x if tall else x.T) @ small.to(x.dtype))
     del wd
-    small = evecs[:, -rank:].flip(-1).to(device=w.device, dtype=w.dtype)
-    big = _orth(w @ small) if tall else _orth(w.T @ small)
-    s = evals[-rank:].flip(-1).clamp_min(0).sqrt().to(w.device)
-    return (big, small, s) if tall else (small, big, s)
-
-
-def _exact(w: torch.Tensor, rank: int) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    m, n = w.shape
-    d = min(m, n)
-    if rank >= d:
-        # Full rank: the smaller side is the whole space, the other the span of W's rows or columns.
-        u = None if m == d else _orth(w)
-        v = None if n == d else _orth(w.T)
-        return u, v, None
-    u, v, s = _gram(w.double(), rank)
+    u, v = (big, small) if tall else (small, big)
     return u.float(), v.float(), s.float()
 
 
@@ -250,109 +237,57 @@ def _sketch_matrix(n: int, cols: int, seed: int) -> torch.Tensor:
     return torch.randn(n, cols, generator=torch.Generator().manual_seed(seed))
 
 
+def _content_seed(w: torch.Tensor, seed: int) -> int:
+    """A sketch seed of ``w``'s own: an unconverged sketch leans toward its test matrix, so two weights sketched
+    with the same one share that lean, and unrelated weights scored up to 0.15 (640 x 640, i^-0.3 spectra).
+    Derived from the row and column sums, it is the same for equal weights and differs for any others."""
+    h = hashlib.sha256(f"{seed}|{tuple(w.shape)}|".encode())
+    for sums in (w.sum(0), w.sum(1)):
+        h.update(sums.to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return int.from_bytes(h.digest()[:4], "little")
+
+
 def _randomized(w: torch.Tensor, spec: SubspaceSpec):
-    """Sketched top-r triplets ``(u, v, s, estimate)``; a Gram basis (``estimate`` False) where the sketch's own
-    Ritz values cannot promise :data:`SKETCH_TOLERANCE` within :data:`MAX_POWER_ITERS` iterations."""
+    """Sketched top-r triplets ``(u, v, s)`` (module docstring), the short side sketched so every orthonormalisation
+    is on ``[min(m, n), l]``."""
     m, n = w.shape
-    if m > n:   # sketch the short side, so every orthonormalisation is on [min(m, n), l]
-        v, u, s, estimate = _randomized(w.T, spec)
-        return u, v, s, estimate
+    if m > n:
+        v, u, s = _randomized(w.T, spec)
+        return u, v, s
     dt = getattr(torch, spec.sketch_dtype)
     a = w.to(dt)
-    width = spec.rank + spec.oversample
-    omega = _sketch_matrix(n, width, spec.seed).to(device=w.device, dtype=dt)
+    omega = _sketch_matrix(n, spec.rank + spec.oversample, _content_seed(w, spec.seed)).to(device=w.device, dtype=dt)
     q = _orth_fast((a @ omega).float())
-    # entries of W rounded to the sketch dtype: relative error uniform in +-eps/2, rms eps / sqrt(12)
-    rounding = torch.finfo(dt).eps / math.sqrt(12) * float(torch.linalg.vector_norm(w)) / math.sqrt(m * n)
-    done, goal = 0, spec.power_iters
-    while True:
-        for _ in range(goal - done):
-            q = _orth_fast((a @ _orth_fast((a.T @ q.to(dt)).float()).to(dt)).float())
-        done = goal
-        # the certificate needs the Ritz values only: their eigenvalues alone (a third of the eigh) decide
-        # whether this sketch is returned, iterated further, or given up for the Gram
-        bt, small = _projected(w, q)
-        ritz = torch.linalg.eigvalsh(small).flip(0).clamp_min(0).sqrt()
-        goal = _iterations_needed(ritz, spec.rank, m, rounding, done)
-        if goal == done:
-            return (*_rayleigh_ritz(w, q, spec.rank, bt, small), True)
-        if goal > MAX_POWER_ITERS:
-            return (*_gram(w, spec.rank), False)
-        # else top up: a look costs ~5% of the Gram (a 1280 x 2048 zoo weight with bfloat16 products asked for
-        # q = 4, then 5: stopping after one top-up sent all 140 of SDXL's cross-attention k/v to the Gram)
-
-
-def _projected(w: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(Q^T W)^T`` ``[n, l]`` and its float64 Gram ``[l, l]``, whose eigenvalues are the squared Ritz values.
-    The product with ``w`` runs in float32 whatever the sketch dtype: bfloat16 here would cap the accuracy at
-    bfloat16's rounding of W; the Gram is float64, as float32 moved similarities by up to 0.008."""
+    for _ in range(spec.power_iters):
+        q = _orth_fast((a @ _orth_fast((a.T @ q.to(dt)).float()).to(dt)).float())
+    # Rayleigh-Ritz with float32 products and a float64 Gram: bfloat16 here would cap the accuracy at bfloat16's
+    # rounding of W, and a float32 Gram moved similarities by up to 0.008
     bt = w.T @ q
-    return bt, (bt.T @ bt).double()
-
-
-def _rayleigh_ritz(w: torch.Tensor, q: torch.Tensor, rank: int, bt: torch.Tensor, small: torch.Tensor):
-    """Best top-``rank`` triplets of ``w`` ``[m, n]`` within the span of ``q`` ``[m, l]`` (``bt``, ``small``
-    from :func:`_projected`)."""
-    evals, evecs = torch.linalg.eigh(small)
-    ub = evecs[:, -rank:].flip(-1).to(device=w.device, dtype=torch.float32)
-    s = evals[-rank:].flip(0).clamp_min(0).sqrt().to(device=w.device, dtype=torch.float32)
-    u = q @ ub
+    evals, evecs = torch.linalg.eigh((bt.T @ bt).double())
+    ub = evecs[:, -spec.rank:].flip(-1).to(device=w.device, dtype=torch.float32)
+    s = evals[-spec.rank:].flip(0).clamp_min(0).sqrt().to(device=w.device, dtype=torch.float32)
     # (Q^T W)^T ub has orthogonal columns of norms s (ub are eigenvectors of its Gram): scaling replaces a QR
     bu = bt @ ub
     v = bu / s.clamp_min(torch.finfo(torch.float32).tiny)
     if not bool(torch.isfinite(v).all()) or float(s[-1]) <= float(s[0]) * 1e-6:
         v = _orth(bu)                               # (numerically) rank-deficient sketch
-    return u, v, s
+    return q @ ub, v, s
 
 
-def _iterations_needed(ritz: torch.Tensor, rank: int, dim: int, rounding: float, done: int) -> int:
-    """The fewest power iterations (>= ``done``) after which a sketch with these Ritz values (descending,
-    float64, ``l`` of them, of a weight whose short side is ``dim``) captures all but
-    :data:`SKETCH_TOLERANCE` of the exact top-``rank`` subspace, or ``MAX_POWER_ITERS + 1``.
-
-    Subspace iteration turns direction i away from the exact one by about ``(s_{l+1} / s_i)^(2q+1)``
-    (Halko et al. 2011, Thm 9.2, per direction): the predicted loss ``1 - ||U^T U_exact||_F^2 / r`` is
-    ``SKETCH_SAFETY * mean_i (s_{l+1} / s_i)^(4q+2)``. ``s_{l+1}`` is not in the sketch; the Ritz values
-    over ``[r/2, r]`` (converged first) are fitted by a power law and extrapolated to ``l + 1``. Rounding W
-    to the sketch dtype (rms entry error ``rounding``) moves the subspace by ``rounding^2 (dim - l) / (s_i -
-    s_{l+1})^2`` per direction whatever q is: bfloat16 sketches of ill-conditioned weights cannot converge."""
-    width = ritz.shape[0]
-    theta = ritz[:rank]
-    if rank < 2 or float(theta[-1]) <= 0.0:     # no decay to fit: the Gram decides
-        return MAX_POWER_ITERS + 1
-    lo = rank // 2
-    x = torch.log(torch.arange(lo, rank + 1, dtype=torch.float64))
-    y = torch.log(ritz[lo - 1:rank])
-    x, y = x - x.mean(), y - y.mean()
-    decay = max(-float((x * y).sum() / (x * x).sum()), 0.0)
-    next_value = float(theta[-1]) * ((width + 1) / rank) ** -decay
-    ratio = next_value / theta
-    floor = float((rounding ** 2 * max(dim - width, 0) / (theta - next_value).square()).clamp(max=1.0).mean())
-    for q in range(done, MAX_POWER_ITERS + 1):
-        loss = SKETCH_SAFETY * float(ratio.pow(4 * q + 2).clamp(max=1.0).mean()) + floor
-        if loss <= SKETCH_TOLERANCE:
-            return q
-    return MAX_POWER_ITERS + 1
-
-
-def compute_basis(w: torch.Tensor, spec: SubspaceSpec, device="cpu") -> Basis:
-    """Top-r subspaces of ``w`` (2-D, or 4-D read as ``[m, c*kh*kw]``), computed on ``device``, returned on CPU."""
+def compute_basis(w: torch.Tensor, spec: SubspaceSpec, device="cpu") -> Basis | Spectrum:
+    """The sketch (a :class:`Basis`) or the spectrum of ``w`` (2-D, or 4-D read as ``[m, c*kh*kw]``) that ``spec``
+    asks for, computed on ``device``, returned on the CPU."""
     w = w.reshape(w.shape[0], -1)
     m, n = w.shape
     eff = spec.effective(m, n)
     w = w.to(device=device, dtype=torch.float32)
-    estimate = False
-    if eff.method == "exact":
-        u, v, s = _exact(w, eff.rank)
-    elif eff.method == "gram":
-        u, v, s = _gram(w, eff.rank)
-    else:
-        u, v, s, estimate = _randomized(w, eff)
-    cpu = lambda t: None if t is None else t.to("cpu", torch.float32).contiguous()  # noqa: E731
-    return Basis((m, n), cpu(u), cpu(v), cpu(s), eff.describe(), estimate)
+    cpu = lambda t: t.to("cpu", torch.float32).contiguous()  # noqa: E731
+    if eff.method == "randomized":
+        u, v, s = _randomized(w, eff)
+        return Basis((m, n), cpu(u), cpu(v), cpu(s), eff.describe(), estimate=True)
+    u, v, s = _spectrum(w, exact=eff.method == "exact")
+    return Spectrum((m, n), cpu(u), cpu(v), cpu(s), eff.describe())
 
-
-# --------------------------------------------------------------------------------------------- cache
 
 def cache_key(fingerprint: str, shape: tuple[int, int], spec: SubspaceSpec) -> str:
     """Everything a basis depends on, as one string (its sha256 names the disk entry)."""
@@ -443,20 +378,18 @@ class SubspaceCache:
             pool.shutdown(wait=True)
             torch.set_num_threads(threads)
 
-    def _get(self, weights, key: str, spec: SubspaceSpec, device) -> Basis:
+    def _get(self, weights, key: str, spec: SubspaceSpec, device) -> Basis | Spectrum:
         with self._lock:
             t0 = time.perf_counter()
             shape = matrix_shape(weights.shape(key))
             fingerprint = weights.fingerprint(key)
-            ckey = cache_key(fingerprint, shape, spec)
             self.stats.read_seconds += time.perf_counter() - t0
-            # a sketch that cannot certify itself falls back to the Gram basis, which is also what the transfer
-            # projects with: a Gram basis already at hand serves the sketch's key, and a fallback serves the Gram's
-            gram = SubspaceSpec(spec.rank, "gram") if spec.effective(*shape).method == "randomized" else None
-            for k, s in ((ckey, spec), *(((cache_key(fingerprint, shape, gram), gram),) if gram else ())):
-                basis = self._lookup(k, shape, s)
-                if basis is not None:
-                    return basis
+            # a spectrum at hand serves a sketch's request: it is exact
+            tries = [spec] if spec.effective(*shape).method != "randomized" else [spec, SubspaceSpec(spec.rank)]
+            for s in tries:
+                found = self._lookup(cache_key(fingerprint, shape, s), shape, s)
+                if found is not None:
+                    return found
             t0 = time.perf_counter()
             w = weights.matrix(key)
             self.stats.read_seconds += time.perf_counter() - t0
@@ -466,10 +399,9 @@ class SubspaceCache:
         t0 = time.perf_counter()
         basis = compute_basis(w, spec, device)
         del w
-        _validate(basis, spec.effective(*shape).rank, content=True)
+        _validate(basis, spec.effective(*shape), content=True)
         seconds = time.perf_counter() - t0
-        if gram is not None and not basis.estimate:
-            ckey, basis = cache_key(fingerprint, shape, gram), replace(basis, method=gram.effective(*shape).describe())
+        ckey = cache_key(fingerprint, shape, spec)
         self._write(ckey, basis)
         with self._lock:
             self.stats.compute_seconds += seconds
@@ -477,7 +409,7 @@ class SubspaceCache:
             self._remember(ckey, basis)
         return basis
 
-    def _lookup(self, ckey: str, shape: tuple[int, int], spec: SubspaceSpec) -> Basis | None:
+    def _lookup(self, ckey: str, shape: tuple[int, int], spec: SubspaceSpec) -> Basis | Spectrum | None:
         """The entry ``ckey`` from memory or disk (counted in the stats), or None. Call with the lock held."""
         basis = self._lru.get(ckey)
         if basis is not None:
@@ -507,7 +439,7 @@ class SubspaceCache:
         evict_to(self.directory, disk_budget_bytes())
 
     # -- memory -----------------------------------------------------------------------------------
-    def _remember(self, ckey: str, basis: Basis):
+    def _remember(self, ckey: str, basis: Basis | Spectrum):
         if basis.nbytes > self.memory_bytes:
             return
         self._lru[ckey] = basis
@@ -523,7 +455,7 @@ class SubspaceCache:
         digest = hashlib.sha256(ckey.encode()).hexdigest()[:40]
         return self.directory / "bases" / digest[:2] / f"{digest}.safetensors"
 
-    def _read(self, ckey: str, shape: tuple[int, int], spec: SubspaceSpec) -> Basis | None:
+    def _read(self, ckey: str, shape: tuple[int, int], spec: SubspaceSpec) -> Basis | Spectrum | None:
         path = self._path(ckey)
         if path is None or not path.is_file():
             return None
@@ -540,11 +472,9 @@ class SubspaceCache:
                 t = {k: f.get_tensor(k) for k in f.keys()}
             if metadata.get("lorax.crc32") != _checksum(t):
                 raise ValueError("content does not match its checksum")
-            estimate = metadata.get("lorax.estimate")
-            if estimate not in ("0", "1"):
-                raise ValueError("entry does not say whether it is an estimate")
-            basis = Basis(shape, t.get("u"), t.get("v"), t.get("s"), eff.describe(), estimate == "1")
-            _validate(basis, eff.rank)      # the checksum vouches for the values, checked when written
+            kind = Spectrum if eff.method in SPECTRUM_METHODS else Basis
+            basis = kind(shape, t.get("u"), t.get("v"), t.get("s"), eff.describe(), kind is Basis)
+            _validate(basis, eff)      # the checksum vouches for the values, checked when written
         except (SafetensorError, ValueError, RuntimeError, OSError):
             self.stats.discarded += 1
             path.unlink(missing_ok=True)
@@ -555,7 +485,7 @@ class SubspaceCache:
             pass                            # a read-only cache still serves its entries
         return basis
 
-    def _write(self, ckey: str, basis: Basis):
+    def _write(self, ckey: str, basis: Basis | Spectrum):
         path = self._path(ckey)
         if path is None:
             return
@@ -567,7 +497,6 @@ class SubspaceCache:
             path.parent.mkdir(parents=True, exist_ok=True)
             with atomic_path(path) as tmp:
                 save_file(tensors, str(tmp), metadata={"lorax.cache_key": ckey, "lorax.method": basis.method,
-                                                       "lorax.estimate": str(int(basis.estimate)),
                                                        "lorax.crc32": _checksum(tensors)})
         except (OSError, SafetensorError):     # safetensors reports a full disk as SafetensorError
             pass    # a read-only or full cache disk costs speed, never the result
@@ -593,13 +522,16 @@ def _checksum(tensors: dict[str, torch.Tensor]) -> str:
     return f"crc32:{crc:08x}"
 
 
-def _validate(basis: Basis, rank: int, content: bool = False):
-    """Raise ValueError unless ``basis`` has the shapes and dtype its key promises (``content``: and finite
-    values with unit columns, a full pass over the data)."""
+def _validate(basis: Basis | Spectrum, spec: SubspaceSpec, content: bool = False):
+    """Raise ValueError unless ``basis`` has the kind, shapes and dtype its effective ``spec`` promises (``content``:
+    and finite values with unit columns, a full pass over the data)."""
     m, n = basis.shape
-    d = min(m, n)
+    spectrum = spec.method in SPECTRUM_METHODS
+    if isinstance(basis, Spectrum) != spectrum:
+        raise ValueError("entry is not of the kind its key names")
+    rank = spec.rank
     for side, t, dim in (("u", basis.u, m), ("v", basis.v, n)):
-        full = rank >= dim          # only possible when rank == d == dim
+        full = not spectrum and rank >= dim
         if full != (t is None):
             raise ValueError(f"side {side}: presence does not match the rank")
         if t is None:
@@ -611,5 +543,6 @@ def _validate(basis: Basis, rank: int, content: bool = False):
         norms = torch.linalg.vector_norm(t, dim=0)
         if not float((norms - 1).abs().max()) <= 1e-3:     # NaN or inf in a column fails this too
             raise ValueError(f"side {side}: columns are not unit vectors")
-    if basis.s is not None and (tuple(basis.s.shape) != (min(rank, d),) or not bool(torch.isfinite(basis.s).all())):
+    s = basis.s
+    if s is None or s.dtype != torch.float32 or tuple(s.shape) != (rank,) or not bool(torch.isfinite(s).all()):
         raise ValueError("singular values malformed")

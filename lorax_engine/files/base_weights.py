@@ -2,7 +2,7 @@
 
 A provider satisfies the small :class:`BaseModelWeights` protocol: ``keys()``, ``shape(key)``,
 ``matrix(key)`` (float32 ``[m, n]``, conv weights flattened), ``fingerprint(key)`` (content hash for
-caching), plus ``name`` and ``architecture``. Two providers live here:
+caching), plus ``name`` and ``architecture``; ``first_row(key)`` is optional (read cheaply where it exists). Two providers live here:
 
 * :class:`StateDictWeights`: any mapping of canonical keys to tensors (a state dict, or a lazy mapping
   such as a wrapper around a ComfyUI ModelPatcher).
@@ -114,6 +114,10 @@ class StateDictWeights:
 
     def matrix(self, key: str) -> torch.Tensor:
         return as_matrix(self._tensors[key])
+
+    def first_row(self, key: str) -> torch.Tensor:
+        """Row 0 of ``matrix(key)`` without converting the rest (a cheap test before comparing whole weights)."""
+        return as_matrix(self._tensors[key][:1])[0]
 
     def fingerprint(self, key: str) -> str:
         t = self._tensors[key]
@@ -257,6 +261,11 @@ class CheckpointWeights:
         t = self._raw(key)
         self._last = None
         return as_matrix(t)
+
+    def first_row(self, key: str) -> torch.Tensor:
+        """Row 0 of ``matrix(key)``, reading only its bytes (a cheap test before comparing whole weights)."""
+        fk, start, _ = self._entries[key]
+        return as_matrix(self._file.get_rows(fk, start or 0, (start or 0) + 1))[0]
 
     def missing_fingerprints(self, keys) -> list[str]:
         """Those of ``keys`` (once each) whose digest is neither memoised nor computed yet."""

@@ -2,21 +2,27 @@
 
 Two steps, callable separately (the ComfyUI nodes do) or together (:func:`transfer`):
 
-1. :func:`compute_similarity_map` finds every source layer's candidate target layers (matching.py) and
-   scores each pair (similarity.py) from the top-r subspaces of both weights. Work runs stage by stage
-   (side, width): the stage's source bases are held, the target candidates stream through one at a
-   time, so memory stays at one stage plus the cache's LRU budget.
-2. :func:`project` applies the matching policy and threshold and projects each chosen pair on the
-   factors (projection.py), combining several updates of one target weight.
+1. :func:`compute_similarity_map` finds every source layer's candidate target layers (matching.py) and what is
+   known of each pair's score (similarity.py): from the pair store of earlier runs; from the values (a same-shape
+   pair whose weights are equal after casting both to the lower precision is identical, METHOD §2: score 1, no
+   basis); and, unless the caller asks for only what decisions need (``complete=False``, as :func:`transfer`
+   does), from a screening sketch of every other pair.
+2. :func:`project` makes the matching decisions (:func:`~lorax_engine.analysis.matching.decide`) on that
+   evidence (METHOD §2b): an estimate only rules a pair out, by its upper bound; whatever may pass the threshold or
+   lead a block is scored exactly (whole spectra, subspaces.py; its spectra are needed to project it anyway), and
+   the decision made again, until every decision stands on evidence that settles it. Candidates whose upper bound
+   is below the threshold, or below the leading block's exact score, never get an exact score. Applied pairs are then projected
+   on the factors (operators.py) with the spectra of both weights, several updates of one target weight combined.
 
-``method="fast"`` (default) scores candidates with randomised bases (bfloat16 sketch products where the
-hardware has them) and projects with "gram" bases (float32 Gram, float64 eigendecomposition): the
-randomised bases are accurate to < 0.01 on similarities but not on projections (see subspaces.py), the
-Gram ones to ~5e-4 on projections, and only the chosen targets need them. ``method="exact"`` uses exact
-bases for both.
+``method="fast"`` (default) screens with sketches (bfloat16 products where the hardware has them), and scores
+exactly and projects with "gram" spectra (float64 Gram eigendecomposition). ``method="exact"`` has no estimates:
+every candidate is scored from "exact" spectra (float64 throughout).
 
-Long loops call ``progress(done, total)`` and ``should_stop()`` (which may raise, or return True to
-cancel with :class:`TransferCancelled`).
+Work runs stage by stage (side, width): a stage's source bases are held, its target candidates stream through
+one at a time, so memory stays at one stage plus the cache's LRU budget. Long loops call ``progress(done, total)``
+and ``should_stop()`` (which may raise, or return True to cancel with :class:`TransferCancelled`). A step is one
+basis or spectrum to fetch or compute, or one target weight to write; the total grows when decisions turn out to
+need more, and a decision settled without a basis costs no step.
 """
 from __future__ import annotations
 
@@ -37,20 +43,22 @@ from ..analysis.matching import (
     DROP_UNUSED_BY_TARGET,
     KNOWN_ROLES,
     NOT_BEST_UNIT,
+    UNKNOWN,
     Candidates,
+    Evidence,
+    LayerChoice,
     LayerRef,
     TargetIndex,
     check_policy,
+    decide,
     parse_key,
-    select,
-    select_units,
     unit_of,
 )
 from ..analysis.similarity import (
     LayerSimilarity,
     PairStore,
     identical_after_cast,
-    identical_similarity,
+    identical_pair_similarity,
     layer_similarity,
     similarity_dict,
 )
@@ -75,20 +83,14 @@ from .operators import (
     energy_fraction,
     pass_through,
     passes_through,
-    project_sidewise,
+    project_soft,
     project_subspace,
+    soft_weights,
     projected_energy,
     relative_change,
-    side_weights,
 )
 
 TRANSFER_METHODS = ("fast", "exact")
-# a screening score above this on equal shapes is checked for identity on the values (METHOD §2's axiom): low,
-# because screening estimates of a weight and its fp16 copy can differ where the spectrum is flat (0.95 measured on
-# an i^-0.2 spectrum), while unrelated weights score ~0 and a value check costs one read of each weight
-IDENTITY_CHECK_SCORE = 0.5
-# an applied pair whose exact score is further than this from its screening estimate is noted in the report
-ESTIMATE_TOLERANCE = 0.01
 
 Progress = Callable[[int, int], None] | None
 ShouldStop = Callable[[], bool] | None
@@ -102,16 +104,16 @@ class TransferCancelled(LoraXError):
 class TransferOptions:
     """Every choice of the method, with its default. See METHOD.md and the module docstrings."""
 
-    rank: int = DEFAULT_RANK             # r of the subspaces (the paper's 320)
-    method: str = "fast"                 # "fast": randomised bases to score, Gram to project; "exact"
+    rank: int = DEFAULT_RANK             # r of the subspaces (the paper's 320) and the soft knee's centre
+    method: str = "fast"                 # "fast": sketches to screen, spectra to decide and project; "exact"
     threshold: float = DEFAULT_THRESHOLD  # on the normalised score; -inf applies every candidate
     policy: str = DEFAULT_POLICY         # "best" | "all-above-threshold" | "spread"
     mode: str = DEFAULT_MODE             # "auto" | "subspace" | "subspace+null" | "direct" (baseline)
     output_rank: int | None = None       # cap: truncated SVD of each output layer on its factors
     device: str = "cpu"                  # where bases are computed ("cuda" when available)
-    oversample: int = 96                 # randomised bases: extra sketch columns
-    power_iters: int = 1                 # randomised bases: subspace iterations
-    seed: int = 0                        # randomised bases: sketch seed
+    oversample: int = 96                 # screening sketches: extra columns
+    power_iters: int = 1                 # screening sketches: subspace iterations
+    seed: int = 0                        # screening sketches: seed
 
     def __post_init__(self):
         if self.method not in TRANSFER_METHODS:
@@ -128,12 +130,17 @@ class TransferOptions:
 
     def screening_spec(self) -> SubspaceSpec:
         if self.method == "exact":
-            return SubspaceSpec(self.rank, "exact")
+            return self.exact_spec()
         return SubspaceSpec(self.rank, "randomized", self.oversample, self.power_iters, self.seed,
                             fast_sketch_dtype(self.device))
 
-    def projection_spec(self) -> SubspaceSpec:
+    def exact_spec(self) -> SubspaceSpec:
+        """The spectra that exact scores and the projection use."""
         return SubspaceSpec(self.rank, "exact" if self.method == "exact" else "gram")
+
+    def pair_id(self, spec: SubspaceSpec) -> str:
+        """What a stored pair score depends on: the algorithm, how its bases were computed, and r."""
+        return f"v{ALGORITHM_VERSION}|{spec.describe()}|r={self.rank}"
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -141,21 +148,27 @@ class TransferOptions:
         return d
 
 
-def _ticker(progress: Progress, should_stop: ShouldStop, total: int, offset: int = 0, grand_total: int | None = None):
-    """A callable advancing progress by one step and honouring the stop hook."""
-    state = {"done": 0}
-    grand = grand_total if grand_total is not None else total
+class _Steps:
+    """Progress over work whose total grows as decisions find they need more, and the stop hook."""
 
-    def tick(step: int = 1):
-        if should_stop is not None and should_stop():
+    def __init__(self, progress: Progress, should_stop: ShouldStop):
+        self.progress, self.should_stop = progress, should_stop
+        self.done = self.total = 0
+
+    def add(self, n: int):
+        self.total += n
+        if self.progress is not None and n:
+            self.progress(self.done, self.total)
+
+    def check(self):
+        if self.should_stop is not None and self.should_stop():
             raise TransferCancelled("transfer cancelled")
-        state["done"] += step
-        if progress is not None:
-            progress(min(offset + state["done"], grand), grand)
 
-    if progress is not None:
-        progress(offset, grand)
-    return tick
+    def tick(self):
+        self.check()
+        self.done = min(self.done + 1, self.total)
+        if self.progress is not None:
+            self.progress(self.done, self.total)
 
 
 # --------------------------------------------------------------------------------------------- the map
@@ -163,9 +176,10 @@ def _ticker(progress: Progress, should_stop: ShouldStop, total: int, offset: int
 @dataclass
 class MapEntry:
     candidates: Candidates
-    similarities: dict[str, LayerSimilarity] = field(default_factory=dict)   # target key -> similarity
+    similarities: dict[str, LayerSimilarity] = field(default_factory=dict)   # target key -> what is known
     energy_layer: str | None = None                                         # fingerprint of the LoRA layer
-    energies: dict[str, float] = field(default_factory=dict)                # target key -> energy kept
+    # target key -> (share of the LoRA layer's energy inside the target's top-r subspaces, from a sketch?)
+    energies: dict[str, tuple[float, bool]] = field(default_factory=dict)
 
 
 def layer_fingerprint(layer: LoraLayer) -> str:
@@ -174,9 +188,10 @@ def layer_fingerprint(layer: LoraLayer) -> str:
 
 @dataclass
 class SubspaceMap:
-    """Scores of every (source layer, candidate target layer) pair, plus what is needed to project.
+    """What is known of every (source layer, candidate target layer) pair, plus what is needed to project.
 
-    Holds the two weight providers and the cache, so :func:`project` can fetch projection bases later.
+    Holds the two weight providers and the cache, so :func:`project` can refine scores and fetch spectra later.
+    ``work`` counts candidate pairs by how they were settled (see :func:`work_counts`).
     """
 
     source: object
@@ -187,7 +202,7 @@ class SubspaceMap:
     entries: dict[str, MapEntry] = field(default_factory=dict)
     seconds: float = 0.0
     cache_stats: dict = field(default_factory=dict)
-    steps: int = 0                 # progress steps reported while scoring
+    identical_by_value: set = field(default_factory=set)    # (source, target) pairs found equal on their values
 
     def refs(self) -> list[LayerRef]:
         return sorted((e.candidates.source for e in self.entries.values()), key=lambda r: (r.order, r.key))
@@ -197,7 +212,7 @@ class SubspaceMap:
         rows = []
         for ref in self.refs():
             entry = self.entries[ref.key]
-            scores = [s.score for s in entry.similarities.values()]
+            scores = [s.score for s in entry.similarities.values() if not s.unscored]
             rows.append({"key": ref.key, "side": ref.side, "block": ref.block, "stage": entry.candidates.stage,
                          "scores": scores, "best": max(scores) if scores else None, "applied": None})
         return rows
@@ -216,7 +231,28 @@ class SubspaceMap:
         return {"source_model": self.source.name, "target_model": self.target.name,
                 "source_architecture": self.source.architecture, "target_architecture": self.target.architecture,
                 "options": self.options.as_dict(), "seconds": self.seconds, "cache": self.cache_stats,
-                "layers": layers}
+                "work": work_counts(self), "layers": layers}
+
+
+def work_counts(smap: SubspaceMap, keys=None) -> dict[str, int]:
+    """Candidate pairs of ``keys`` (default: all) by how far their score had to be computed: found identical on
+    their values (no basis), decided on a screening estimate's bound, scored exactly, or never needed."""
+    counts = {"candidate_pairs": 0, "identical_by_value": 0, "decided_on_estimate": 0, "scored_exactly": 0,
+              "not_needed": 0}
+    for key in (smap.entries if keys is None else keys):
+        entry = smap.entries[key]
+        for t, _ in entry.candidates.targets:
+            sim = entry.similarities.get(t)
+            counts["candidate_pairs"] += 1
+            if sim is None:
+                counts["not_needed"] += 1
+            elif (key, t) in smap.identical_by_value:
+                counts["identical_by_value"] += 1
+            elif sim.estimate:
+                counts["decided_on_estimate"] += 1
+            else:
+                counts["scored_exactly"] += 1
+    return counts
 
 
 def default_source_keys(source) -> list[str]:
@@ -250,109 +286,130 @@ def _plan_entries(smap: SubspaceMap, keys, lora: LoraModel | None):
         smap.entries[key] = MapEntry(cands)
 
 
-def _score(smap: SubspaceMap, keys: list[str], lora: LoraModel | None, progress: Progress,
-           should_stop: ShouldStop, offset: int = 0, extra_total: int = 0):
-    """Similarities (and, with a LoRA, screening energies) for ``keys``, stage by stage."""
-    spec = smap.options.screening_spec()
-    spec_id = f"v{ALGORITHM_VERSION}|{spec.describe()}"
-    # fast screening computes its r x r overlaps on the transfer's device, in bfloat16 where it multiplies that
-    # natively (the cache hands bases out on the CPU: they are placed once per stage and target)
-    device = smap.options.device
-    product_dtype = getattr(torch, fast_sketch_dtype(device)) if spec.method == "randomized" else torch.float32
+def _store(smap: SubspaceMap) -> PairStore:
     if smap.cache.pairs is None:
         smap.cache.pairs = PairStore(smap.cache.directory)
-    store = smap.cache.pairs
-    source, target, cache = smap.source, smap.target, smap.cache
+    return smap.cache.pairs
 
-    stages: dict[tuple, list[str]] = {}
-    for key in keys:
-        entry = smap.entries[key]
-        if entry.candidates.targets:
-            ref = entry.candidates.source
-            stages.setdefault((ref.order[0], entry.candidates.stage), []).append(key)
 
-    # every weight is fingerprinted before its pairs are looked up: all at once, in parallel threads
-    prefetch_fingerprints(source, [k for keys_ in stages.values() for k in keys_])
-    prefetch_fingerprints(target, [t for keys_ in stages.values() for s in keys_
-                                   for t, _ in smap.entries[s].candidates.targets])
-    plans = []     # (source keys needing bases, {target: [sources needing the pair]}, {target: [sources]})
-    total = 0
+def _pairs(smap: SubspaceMap, keys) -> list[tuple[str, str]]:
+    return [(s, t) for s in keys for t, _ in smap.entries[s].candidates.targets]
+
+
+def _recall(smap: SubspaceMap, pairs):
+    """What earlier runs settled: exact scores (and identities) first, then screening estimates."""
+    store, opts = _store(smap), smap.options
+    ids = [opts.pair_id(opts.exact_spec()), opts.pair_id(opts.screening_spec())]
+    for s, t in pairs:
+        entry = smap.entries[s]
+        if t in entry.similarities:
+            continue
+        fp_s, fp_t = smap.source.fingerprint(s), smap.target.fingerprint(t)
+        for pid in ids:
+            sim = store.get(fp_s, fp_t, pid)
+            if sim is not None:
+                entry.similarities[t] = sim
+                if sim.identical:
+                    smap.identical_by_value.add((s, t))
+                break
+
+
+def _first_row(weights, key: str) -> torch.Tensor:
+    row = getattr(weights, "first_row", None)
+    return row(key) if row is not None else weights.matrix(key)[0]
+
+
+def _rows_may_match(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Necessary for :func:`identical_after_cast`: the rows agree in float16, bfloat16 or as they are."""
+    return torch.equal(a.half(), b.half()) or torch.equal(a.bfloat16(), b.bfloat16()) or torch.equal(a, b)
+
+
+def _identify_by_value(smap: SubspaceMap, pairs):
+    """Same-shape pairs equal after casting both to the lower precision are identical (METHOD §2): score 1, no
+    basis. Equal fingerprints settle it at once; otherwise the first rows are compared before whole weights, so
+    an unrelated pair costs one row of each."""
+    source, target, opts = smap.source, smap.target, smap.options
+    store, pid = _store(smap), opts.pair_id(opts.exact_spec())
+    rows: dict[tuple[int, str], torch.Tensor] = {}
+
+    def row(weights, key):
+        k = (id(weights), key)
+        if k not in rows:
+            rows[k] = _first_row(weights, key)
+        return rows[k]
+
+    for s, t in pairs:
+        entry = smap.entries[s]
+        shape = matrix_shape(source.shape(s))
+        if t in entry.similarities or shape != matrix_shape(target.shape(t)):
+            continue
+        fp_s, fp_t = source.fingerprint(s), target.fingerprint(t)
+        if fp_s != fp_t and not (_rows_may_match(row(source, s), row(target, t))
+                                 and identical_after_cast(source.matrix(s), target.matrix(t))):
+            continue
+        sim = identical_pair_similarity(shape, opts.rank)
+        entry.similarities[t] = sim
+        smap.identical_by_value.add((s, t))
+        store.put(fp_s, fp_t, pid, sim)
+
+
+def _by_stage(smap: SubspaceMap, pairs) -> list[tuple[list[str], dict[str, list[str]]]]:
+    """Pairs grouped by stage: (source keys, {target key: its sources}), targets in model order."""
+    stages: dict[tuple, dict[str, list[str]]] = {}
+    for s, t in pairs:
+        ref = smap.entries[s].candidates.source
+        stages.setdefault((ref.order[0], smap.entries[s].candidates.stage), {}).setdefault(t, []).append(s)
+    out = []
     for stage in sorted(stages):
-        need_pair: dict[str, list[str]] = {}
-        by_target: dict[str, list[str]] = {}
-        for s in stages[stage]:
-            if should_stop is not None and should_stop():      # hashing a stage's weights takes seconds
-                raise TransferCancelled("transfer cancelled")
-            entry = smap.entries[s]
-            fp_s = source.fingerprint(s)
-            if lora is not None:
-                lfp = layer_fingerprint(lora.layers[s])
-                if entry.energy_layer != lfp:
-                    entry.energy_layer, entry.energies = lfp, {}
-            for t, _ in entry.candidates.targets:
-                if t not in entry.similarities:
-                    sim = store.get(fp_s, target.fingerprint(t), spec_id)
-                    if sim is None:
-                        need_pair.setdefault(t, []).append(s)
-                    else:
-                        entry.similarities[t] = sim
-        # a target basis is fetched only to score a pair; while it is at hand, the energy every LoRA layer
-        # of the stage would keep on it is recorded too (warm runs do not read every basis just for that)
-        for s in stages[stage]:
-            for t, _ in smap.entries[s].candidates.targets:
-                if t in need_pair:
-                    by_target.setdefault(t, []).append(s)
-        sources_needed = sorted({s for ss in need_pair.values() for s in ss})
-        plans.append((sources_needed, need_pair, by_target))
-        total += len(sources_needed) + len(by_target)
+        by_target = stages[stage]
+        sources = sorted({s for ss in by_target.values() for s in ss})
+        out.append((sources, {t: by_target[t] for t in sorted(by_target, key=lambda k: parse_key(k).order)}))
+    return out
 
-    tick = _ticker(progress, should_stop, total, offset, offset + total + extra_total)
-    maybe_identical: list[tuple[str, str]] = []
-    for sources_needed, need_pair, by_target in plans:
-        src_screen = {}
-        with closing(cache.get_many(source, sources_needed, spec, device)) as fetched:
-            for s, basis_s in fetched:
-                src_screen[s] = basis_s.to(device).to(product_dtype)
-                tick()
-        order = sorted(by_target, key=lambda k: parse_key(k).order)
-        with closing(cache.get_many(target, order, spec, device)) as fetched:
-            for t, basis_t in fetched:
-                on_device = basis_t.to(device)
-                screen_t = on_device.to(product_dtype)
-                fp_t = target.fingerprint(t)        # memoised: get_many has hashed it
-                energy_basis = None                 # basis_t on the LoRA's device, placed once for all its sources
+
+def _score_pairs(smap: SubspaceMap, pairs, spec: SubspaceSpec, steps: _Steps, lora: LoraModel | None = None):
+    """Score ``pairs`` from bases of ``spec`` (screening sketches, or spectra for exact scores), stage by stage,
+    and keep the scores in the map and the pair store. With ``lora``, the share of each LoRA layer's energy inside
+    its candidate's top-r subspaces (Eq. 3) is recorded while the target's basis is at hand."""
+    opts, cache, store = smap.options, smap.cache, _store(smap)
+    source, target, device = smap.source, smap.target, opts.device
+    pid = opts.pair_id(spec)
+    # overlaps of sketches run in bfloat16 where the device multiplies it natively (subspaces.Basis.to)
+    product_dtype = getattr(torch, fast_sketch_dtype(device)) if spec.method == "randomized" else torch.float32
+    plans = _by_stage(smap, pairs)
+    prefetch_fingerprints(source, [s for sources, _ in plans for s in sources])
+    prefetch_fingerprints(target, [t for _, by_target in plans for t in by_target])
+    steps.add(sum(len(sources) + len(by_target) for sources, by_target in plans))
+    for sources, by_target in plans:
+        held = {}
+        with closing(cache.get_many(source, sources, spec, device)) as fetched:
+            for s, basis in fetched:
+                held[s] = basis.top(opts.rank).to(device).to(product_dtype)
+                steps.tick()
+        with closing(cache.get_many(target, list(by_target), spec, device)) as fetched:
+            for t, basis in fetched:
+                top = basis.top(opts.rank).to(device)
+                screen_t = top.to(product_dtype)
+                fp_t = target.fingerprint(t)
                 for s in by_target[t]:
                     entry = smap.entries[s]
-                    if s in need_pair.get(t, ()):
-                        fp_s = source.fingerprint(s)
-                        sim = layer_similarity(src_screen[s], screen_t)
-                        if fp_s == fp_t:
-                            sim = identical_similarity(sim)       # the same bytes: METHOD §1's anchor
-                        elif sim.score >= IDENTITY_CHECK_SCORE and source.shape(s) == target.shape(t):
-                            maybe_identical.append((s, t))        # equal after a cast? checked below
-                        entry.similarities[t] = sim
-                        store.put(fp_s, fp_t, spec_id, sim)
-                    if lora is not None and t not in entry.energies:
-                        if energy_basis is None:     # a GPU LoRA takes the copy already made for the products
-                            lora_device = lora.layers[s].up.device
-                            energy_basis = (on_device if lora_device.type != "cpu" else basis_t).to(lora_device)
-                        entry.energies[t] = projected_energy(lora.layers[s], energy_basis)
-                del basis_t, on_device, screen_t, energy_basis
-                tick()
-        del src_screen
-    # identity across storage precisions (SD1.5's fp32 CLIP-L vs SDXL's fp16 copy): compared on values, only for
-    # pairs that already score near 1, after the basis threads are done with the weight providers
-    for s, t in maybe_identical:
-        if identical_after_cast(source.matrix(s), target.matrix(t)):
-            sim = identical_similarity(smap.entries[s].similarities[t])
-            smap.entries[s].similarities[t] = sim
-            store.put(source.fingerprint(s), target.fingerprint(t), spec_id, sim)
+                    sim = layer_similarity(held[s], screen_t)
+                    entry.similarities[t] = sim
+                    store.put(source.fingerprint(s), fp_t, pid, sim)
+                    if lora is not None:
+                        layer = lora.layers[s]
+                        lfp = layer_fingerprint(layer)
+                        if entry.energy_layer != lfp:
+                            entry.energy_layer, entry.energies = lfp, {}
+                        entry.energies[t] = (projected_energy(layer, top.to(layer.up.device)), top.estimate)
+                del top, screen_t
+                steps.tick()
+        del held
     store.flush()
     for provider in (source, target):
         flush = getattr(provider, "flush", None)
         if flush is not None:
             flush()
-    return total
 
 
 def _fits(layer: LoraLayer, source_shape) -> bool:
@@ -368,11 +425,31 @@ def _check_fits(lora: LoraModel, source, reasons: list):
             f"{source.architecture!r}); the source model must be the one the LoRA was trained on")
 
 
+def _gather(smap: SubspaceMap, keys, lora, steps: _Steps, complete: bool):
+    """Plan ``keys`` not in the map yet and learn what is cheap to know of their pairs (module docstring, step 1)."""
+    new = [k for k in keys if k not in smap.entries]
+    _plan_entries(smap, new, lora)
+    if smap.options.mode == "direct":
+        return
+    pairs = _pairs(smap, keys)
+    prefetch_fingerprints(smap.source, sorted({s for s, _ in pairs}))
+    prefetch_fingerprints(smap.target, sorted({t for _, t in pairs}))
+    _recall(smap, pairs)
+    steps.check()
+    _identify_by_value(smap, pairs)
+    if complete:
+        unknown = [(s, t) for s, t in pairs if t not in smap.entries[s].similarities]
+        _score_pairs(smap, unknown, smap.options.screening_spec(), steps, lora)
+
+
 def compute_similarity_map(source, target, options: TransferOptions | None = None, *, lora: LoraModel | None = None,
                            source_keys=None, cache: SubspaceCache | None = None, progress: Progress = None,
-                           should_stop: ShouldStop = None, _extra_total: int = 0) -> SubspaceMap:
-    """Score every candidate pair for the LoRA's layers (``lora``), the given ``source_keys``, or every
-    source layer of a known role. With ``lora``, each candidate's energy kept is recorded too."""
+                           should_stop: ShouldStop = None, complete: bool = True,
+                           _steps: _Steps | None = None) -> SubspaceMap:
+    """What is known of every candidate pair for the LoRA's layers (``lora``), the given ``source_keys``, or every
+    source layer of a known role: with ``complete``, every pair screened (the similarity plot shows them all);
+    without, only what is cheap (:func:`project` refines what its decisions need). With ``lora``, the energy each
+    screened candidate's subspaces hold is recorded too."""
     options = options or TransferOptions()
     t0 = time.perf_counter()
     cache = cache if cache is not None else SubspaceCache()
@@ -385,14 +462,13 @@ def compute_similarity_map(source, target, options: TransferOptions | None = Non
     _plan_entries(smap, keys, lora)
     if lora is not None:
         _check_fits(lora, source, [smap.entries[k].candidates.reason for k in keys])
-    if options.mode != "direct":
-        smap.steps = _score(smap, keys, lora, progress, should_stop, extra_total=_extra_total)
+    _gather(smap, keys, lora, _steps or _Steps(progress, should_stop), complete)
     smap.seconds = time.perf_counter() - t0
     smap.cache_stats = _stats_delta(before, cache.stats)
     return smap
 
 
-# --------------------------------------------------------------------------------------------- projection
+# --------------------------------------------------------------------------------------------- decisions
 
 def _output_architecture(arch: str) -> str:
     # SSD-1B and Vega load SDXL LoRAs (their blocks are a subset of SDXL's)
@@ -403,41 +479,30 @@ _STALE_METADATA = ("ss_base_model_version", "ss_network_dim", "ss_network_alpha"
                    "ss_network_args", "modelspec.", "lorax.")
 
 
-def _choose(smap: SubspaceMap, opts: TransferOptions, lora: LoraModel, keys: list[str]
-            ) -> dict[str, tuple[dict[str, float], dict[str, str]]]:
-    """{source key: ({chosen target: strength}, {other target: reason})} for every layer with candidates."""
-    out = {}
-    live = [k for k in keys if not smap.entries[k].candidates.reason and _fits(lora.layers[k],
-                                                                                 smap.entries[k].candidates.source_shape)]
-    if opts.mode == "direct":
-        return {k: ({smap.entries[k].candidates.targets[0][0]: 1.0}, {}) for k in live}
-    if opts.policy != "best":
-        for k in live:
-            entry = smap.entries[k]
-            out[k] = select(k, [(t, entry.similarities[t].score) for t, _ in entry.candidates.targets],
-                            opts.policy, opts.threshold)
-        return out
-    units: dict[str, list] = {}
-    for k in live:
-        entry = smap.entries[k]
-        sims = {t: (entry.similarities[t].score, entry.similarities[t].unscored) for t, _ in entry.candidates.targets}
-        units.setdefault(unit_of(entry.candidates.source), []).append((lora.layers[k].energy(), sims))
-    chosen_units = select_units(units)
-    for k in live:
-        entry = smap.entries[k]
-        best_unit, _ = chosen_units[unit_of(entry.candidates.source)]
-        chosen, reasons = {}, {}
-        for t, _ in entry.candidates.targets:
-            score = entry.similarities[t].score
-            if unit_of(parse_key(t)) != best_unit:
-                reasons[t] = NOT_BEST_UNIT
-            elif score < opts.threshold:
-                reasons[t] = DROP_BELOW_THRESHOLD
-            else:
-                chosen[t] = 1.0
-        out[k] = (chosen, reasons)
-    return out
+def _evidence(sim: LayerSimilarity | None) -> Evidence:
+    if sim is None:
+        return UNKNOWN
+    return Evidence(sim.upper, not sim.estimate, sim.identical, sim.unscored)
 
+
+def _decide(smap: SubspaceMap, opts: TransferOptions, lora: LoraModel, live: list[str], steps: _Steps):
+    """Decisions on evidence that settles them: the pairs a decision needs are screened (unknown) or scored exactly
+    (estimates), and the decision made again (module docstring)."""
+    while True:
+        layers = {k: LayerChoice(smap.entries[k].candidates.source, lora.layers[k].energy(),
+                                 {t: _evidence(smap.entries[k].similarities.get(t))
+                                  for t, _ in smap.entries[k].candidates.targets}) for k in live}
+        decisions = decide(layers, opts.policy, opts.threshold)
+        if not decisions.needs:
+            return decisions
+        unknown = sorted(p for p in decisions.needs if p[1] not in smap.entries[p[0]].similarities)
+        if unknown:
+            _score_pairs(smap, unknown, opts.screening_spec(), steps, lora)
+        else:
+            _score_pairs(smap, sorted(decisions.needs), opts.exact_spec(), steps)
+
+
+# --------------------------------------------------------------------------------------------- projection
 
 def _shared_blocks(assignments: dict[str, list[tuple[str, float]]]) -> dict[str, list[str]]:
     """{target unit: source units} for every target unit that receives several source units (updates add)."""
@@ -448,49 +513,39 @@ def _shared_blocks(assignments: dict[str, list[tuple[str, float]]]) -> dict[str,
     return {tunit: sorted(srcs) for tunit, srcs in sorted(landed.items()) if len(srcs) > 1}
 
 
-def _project_pair(layer: LoraLayer, mode: str, sim: LayerSimilarity | None, source_basis, target_basis,
-                  shape) -> tuple[LoraLayer, str, float | None, float | None]:
-    """One source layer on one target weight: (projected layer, operator used, w_U, w_V)."""
-    if mode == "direct":
-        return pass_through(layer, shape), "direct", None, None
-    if passes_through(mode, sim.identical):
-        return pass_through(layer, shape), IDENTITY_OPERATOR, 1.0, 1.0
-    if mode == "subspace":
-        return project_subspace(layer, target_basis, shape), "subspace", None, None
-    w_u, w_v = side_weights(mode, sim)
-    return project_sidewise(layer, source_basis, target_basis, shape, w_u, w_v), mode, w_u, w_v
-
-
 def project(lora: LoraModel, subspace_map: SubspaceMap, options: TransferOptions | None = None, *,
-            progress: Progress = None, should_stop: ShouldStop = None, _offset: int = 0) -> tuple[LoraModel, Report]:
-    """Select targets (policy, threshold) and project ``lora`` through ``subspace_map``.
+            progress: Progress = None, should_stop: ShouldStop = None,
+            _steps: _Steps | None = None) -> tuple[LoraModel, Report]:
+    """Decide (policy, threshold; module docstring) and project ``lora`` through ``subspace_map``.
 
-    ``options`` may change policy, threshold, mode and output rank; rank, method and device are the map's.
-    Layers of the LoRA the map has not scored yet are scored now. Every applied pair is scored again on the
-    projection bases (exact, or float32-Gram within METHOD §2b's bounds): that score is the one reported and the
-    one ``auto`` weights with; a screening estimate that was off by more than :data:`ESTIMATE_TOLERANCE` is noted.
+    ``options`` may change policy, threshold, mode and output rank; rank, method and device are the map's. Layers
+    of the LoRA the map does not know yet are gathered now. Every applied pair (but identical ones) gets its exact
+    score on the spectra it is projected with: the one reported.
     """
     smap = subspace_map
     opts = smap.options if options is None else replace(
         options, rank=smap.options.rank, method=smap.options.method, device=smap.options.device,
         oversample=smap.options.oversample, power_iters=smap.options.power_iters, seed=smap.options.seed)
+    steps = _steps or _Steps(progress, should_stop)
     t0 = time.perf_counter()
     before = replace(smap.cache.stats)
     source, target, cache = smap.source, smap.target, smap.cache
     if opts.mode != smap.options.mode and "direct" in (opts.mode, smap.options.mode):
         # direct matches by name, the others by similarity: re-plan every layer for the new mode
-        smap = replace(smap, options=opts, entries={})
-    missing = [k for k in lora.layers if k not in smap.entries]
-    if missing:
-        _plan_entries(smap, missing, lora)
-    if opts.mode != "direct":
-        rescore = [k for k in lora.layers if smap.entries[k].candidates.targets and (
-            k in missing or len(smap.entries[k].similarities) < len(smap.entries[k].candidates.targets))]
-        if rescore:
-            _score(smap, rescore, None, None, should_stop)
+        smap = replace(smap, options=opts, entries={}, identical_by_value=set())
+    elif opts != smap.options:
+        smap = replace(smap, options=opts)
+    _gather(smap, sorted(lora.layers), lora, steps, complete=False)
 
     keys = sorted(lora.layers, key=lambda k: (smap.entries[k].candidates.source.order, k))
-    decisions = _choose(smap, opts, lora, keys)
+    live = [k for k in keys if not smap.entries[k].candidates.reason
+            and _fits(lora.layers[k], smap.entries[k].candidates.source_shape)]
+    if opts.mode == "direct":
+        chosen = {k: {smap.entries[k].candidates.targets[0][0]: 1.0} for k in live}
+        reasons: dict[str, dict[str, str]] = {k: {} for k in live}
+    else:
+        decisions = _decide(smap, opts, lora, live, steps)
+        chosen, reasons = decisions.chosen, decisions.reasons
     records: dict[str, LayerRecord] = {}
     cand_records: dict[tuple[str, str], CandidateRecord] = {}
     assignments: dict[str, list[tuple[str, float]]] = {}
@@ -500,77 +555,29 @@ def project(lora: LoraModel, subspace_map: SubspaceMap, options: TransferOptions
         rec = LayerRecord(key, cands.stage, cands.source.block, cands.source.role, list(layer.weight_shape),
                           layer.rank, layer.energy())
         records[key] = rec
-        if key not in decisions:
+        if key not in chosen:
             # a map scored without this LoRA knows the source's shapes, not the LoRA's
             rec.reason = cands.reason or DROP_NOT_IN_SOURCE
             continue
-        chosen, reasons = decisions[key]
-        lfp = entry.energy_layer
-        known = entry.energies if lfp is not None and lfp == layer_fingerprint(layer) else {}
+        mine, why = chosen[key], reasons.get(key, {})
+        known = entry.energies if entry.energy_layer == layer_fingerprint(layer) else {}
         for t, compat in cands.targets:
             sim = entry.similarities.get(t)
-            c = CandidateRecord(t, compat, similarity_dict(sim) if sim else None, known.get(t),
-                                t in chosen, chosen.get(t, 0.0), reasons.get(t),
-                                energy_from_screening=t in known)
+            energy, from_sketch = known.get(t, (None, False))
+            c = CandidateRecord(t, compat, similarity_dict(sim) if sim else None, energy, t in mine, mine.get(t, 0.0),
+                                why.get(t), energy_from_sketch=from_sketch)
             rec.candidates.append(c)
             cand_records[(key, t)] = c
-        if chosen:
+        if mine:
             rec.applied = True
-            for t, strength in chosen.items():
+            for t, strength in mine.items():
                 assignments.setdefault(t, []).append((key, strength))
         else:
-            rec.reason = (DROP_NOT_IN_UNIT if reasons and all(r == NOT_BEST_UNIT for r in reasons.values())
-                          else DROP_BELOW_THRESHOLD)
+            rec.reason = (DROP_NOT_IN_UNIT if why and all(r == NOT_BEST_UNIT for r in why.values())
+                          else next((r for r in why.values() if r != NOT_BEST_UNIT), DROP_BELOW_THRESHOLD))
 
     _check_fits(lora, source, [r.reason for r in records.values()])
-    proj_spec = opts.projection_spec()
-    out_layers: dict[str, LoraLayer] = {}
-    targets: list[TargetRecord] = []
-    tick = _ticker(progress, should_stop, len(assignments), _offset, _offset + len(assignments))
-    order = sorted(assignments, key=lambda k: (parse_key(k).order, k))
-    bases = (cache.get_many(target, order, proj_spec, opts.device) if opts.mode != "direct"
-             else ((t, None) for t in order))
-    off_estimates = 0
-    # applied pairs are scored on the projection bases; those scores are kept with the screening ones, so a warm
-    # or batch run computes neither again
-    if cache.pairs is None:
-        cache.pairs = PairStore(cache.directory)
-    store, proj_id = cache.pairs, f"v{ALGORITHM_VERSION}|{proj_spec.describe()}"
-    with closing(bases):
-        for t, basis_t in bases:
-            shape = tuple(target.shape(t))
-            parts = []
-            for s, strength in assignments[t]:
-                layer, c = lora.layers[s], cand_records[(s, t)]
-                sim, basis_s = smap.entries[s].similarities.get(t), None
-                if opts.mode != "direct" and not sim.identical:
-                    if opts.mode != "subspace":        # the side-wise operator needs the source's subspaces
-                        basis_s = cache.get(source, s, proj_spec, opts.device)
-                    fp_s, fp_t = source.fingerprint(s), target.fingerprint(t)
-                    exact = store.get(fp_s, fp_t, proj_id)
-                    if exact is None:
-                        basis_s = basis_s or cache.get(source, s, proj_spec, opts.device)
-                        exact = layer_similarity(basis_s, basis_t)
-                        store.put(fp_s, fp_t, proj_id, exact)
-                    if sim.estimate and abs(exact.score - sim.score) > ESTIMATE_TOLERANCE:
-                        off_estimates += 1
-                        c.estimate_error = exact.score - sim.score
-                    sim = exact
-                    c.similarity = similarity_dict(sim)
-                out, c.operator, c.w_u, c.w_v = _project_pair(layer, opts.mode, sim, basis_s, basis_t, shape)
-                c.energy_kept, c.energy_from_screening = energy_fraction(layer, out), False
-                c.change = relative_change(layer, out)
-                parts.append((out, strength))
-            combined = combine(parts, shape)
-            cap_kept = 1.0
-            if opts.output_rank is not None and combined.rank > opts.output_rank:
-                combined, cap_kept = compress(combined, max_rank=opts.output_rank)
-            out_layers[t] = combined
-            targets.append(TargetRecord(t, combined.rank, [s for s, _ in assignments[t]], cap_kept,
-                                        combined.energy()))
-            tick()
-
-    store.flush()
+    out_layers, targets, misses = _project_assignments(smap, opts, lora, assignments, cand_records, steps)
     for rec in records.values():
         applied = [c for c in rec.candidates if c.applied]
         kept = [c.energy_kept for c in applied if c.energy_kept is not None]
@@ -583,6 +590,7 @@ def project(lora: LoraModel, subspace_map: SubspaceMap, options: TransferOptions
     mode_label = opts.mode if opts.mode != "direct" else "direct (baseline: name match, no projection)"
     report = Report(source.name, target.name, source.architecture, target.architecture, mode_label,
                     opts.as_dict(), list(records.values()), targets, seconds, cache_stats)
+    report.work = work_counts(smap, keys)
     if any(c.compat == "embed" and c.applied for r in report.layers for c in r.candidates):
         report.notes.append("note: cross-attention k/v were embedded into the CLIP-L slot of the wider context "
                             "(METHOD §3); SD1.5 conditions on CLIP-L's last layer, SDXL on its penultimate one.")
@@ -592,9 +600,9 @@ def project(lora: LoraModel, subspace_map: SubspaceMap, options: TransferOptions
     report.shared_blocks = _shared_blocks(assignments)
     report.notes.extend(f"note: {len(srcs)} source blocks land on target block {tunit} and their updates add: "
                         f"{', '.join(srcs)}" for tunit, srcs in report.shared_blocks.items())
-    if off_estimates:
-        report.notes.append(f"note: {off_estimates} applied pair(s) scored more than {ESTIMATE_TOLERANCE} away from "
-                            "their screening estimate; the choice among candidates may differ from --exact.")
+    if misses:
+        report.notes.append(f"warning: {misses} applied pair(s) scored exactly above the bound their screening "
+                            "estimate promised (METHOD §2b); please report this with the two model files.")
     if opts.mode == "direct":
         report.notes.append("note: direct mode is the baseline a stock loader applies; it does not project.")
 
@@ -605,12 +613,83 @@ def project(lora: LoraModel, subspace_map: SubspaceMap, options: TransferOptions
     return result, report
 
 
+def _project_assignments(smap: SubspaceMap, opts: TransferOptions, lora: LoraModel, assignments, cand_records,
+                         steps: _Steps) -> tuple[dict[str, LoraLayer], list[TargetRecord], int]:
+    """Project every applied pair and combine them per target weight: ``(layers, target records, bound
+    misses)``. Identical pairs pass through with no spectrum; the others are projected with the spectra of both
+    weights (``subspace``: the target's top-r), and get their exact score if they had none."""
+    source, target, cache = smap.source, smap.target, smap.cache
+    spec, store = opts.exact_spec(), _store(smap)
+    pid = opts.pair_id(spec)
+    order = sorted(assignments, key=lambda k: (parse_key(k).order, k))
+    needs_spectrum = [t for t in order if opts.mode != "direct" and any(
+        not passes_through(opts.mode, _identical(smap, s, t)) for s, _ in assignments[t])]
+    steps.add(len(order))
+    spectra = cache.get_many(target, needs_spectrum, spec, opts.device)
+    out_layers: dict[str, LoraLayer] = {}
+    records: list[TargetRecord] = []
+    misses = 0
+    with closing(spectra):
+        pending = iter(spectra)
+        for t in order:
+            spectrum_t = next(pending)[1] if t in needs_spectrum else None
+            shape = tuple(target.shape(t))
+            parts = []
+            for s, strength in assignments[t]:
+                layer, c = lora.layers[s], cand_records[(s, t)]
+                sim = smap.entries[s].similarities.get(t)
+                identical = _identical(smap, s, t)
+                spectrum_s = None
+                if opts.mode != "direct" and not passes_through(opts.mode, identical) and (sim is None or sim.estimate):
+                    # applied on a bound (or with no threshold at all): its exact score now, with its spectra
+                    spectrum_s = cache.get(source, s, spec, opts.device)
+                    exact = layer_similarity(spectrum_s.top(opts.rank), spectrum_t.top(opts.rank))
+                    if sim is not None and exact.score > sim.upper + 1e-9:
+                        misses += 1
+                    smap.entries[s].similarities[t] = exact
+                    store.put(source.fingerprint(s), target.fingerprint(t), pid, exact)
+                    c.similarity = similarity_dict(exact)
+                if opts.mode in ("auto", "subspace+null") and not identical and spectrum_s is None:
+                    spectrum_s = cache.get(source, s, spec, opts.device)
+                out, c.operator, c.w_u, c.w_v = _project_pair(layer, opts, identical, spectrum_s, spectrum_t, shape)
+                c.energy_kept = energy_fraction(layer, out)
+                c.change = relative_change(layer, out)
+                parts.append((out, strength))
+            combined = combine(parts, shape)
+            cap_kept = 1.0
+            if opts.output_rank is not None and combined.rank > opts.output_rank:
+                combined, cap_kept = compress(combined, max_rank=opts.output_rank)
+            out_layers[t] = combined
+            records.append(TargetRecord(t, combined.rank, [s for s, _ in assignments[t]], cap_kept, combined.energy()))
+            steps.tick()
+    store.flush()
+    return out_layers, records, misses
+
+
+def _project_pair(layer: LoraLayer, opts: TransferOptions, identical: bool, spectrum_s, spectrum_t, shape
+                  ) -> tuple[LoraLayer, str, float | None, float | None]:
+    """One source layer on one target weight: (projected layer, operator used, w_U, w_V)."""
+    if opts.mode == "direct":
+        return pass_through(layer, shape), "direct", None, None
+    if passes_through(opts.mode, identical):
+        return pass_through(layer, shape), IDENTITY_OPERATOR, 1.0, 1.0
+    if opts.mode == "subspace":
+        return project_subspace(layer, spectrum_t.top(opts.rank), shape), "subspace", None, None
+    w_u, w_v = soft_weights(spectrum_s, spectrum_t, opts.rank, opts.mode, opts.device)
+    return project_soft(layer, spectrum_s, spectrum_t, opts.rank, shape, w_u, w_v), opts.mode, w_u, w_v
+
+
+def _identical(smap: SubspaceMap, s: str, t: str) -> bool:
+    sim = smap.entries[s].similarities.get(t)
+    return sim is not None and sim.identical
+
+
 def transfer(lora: LoraModel, source, target, options: TransferOptions | None = None, *,
              cache: SubspaceCache | None = None, progress: Progress = None,
              should_stop: ShouldStop = None) -> tuple[LoraModel, Report]:
-    """Carry ``lora`` (trained on ``source``) over to ``target``: similarity map, then projection."""
+    """Carry ``lora`` (trained on ``source``) over to ``target``: what is cheap to know first, then only the scores
+    and spectra its decisions and projections need."""
     options = options or TransferOptions()
-    n = len(lora.layers)
-    smap = compute_similarity_map(source, target, options, lora=lora, cache=cache, progress=progress,
-                                  should_stop=should_stop, _extra_total=n)
-    return project(lora, smap, options, progress=progress, should_stop=should_stop, _offset=smap.steps)
+    steps = _Steps(progress, should_stop)
+    smap = compute_similarity_map(source, target, options, lora=lora, cache=cache, complete=False, _steps=steps)
+    return project(lora, smap, options, _steps=steps)

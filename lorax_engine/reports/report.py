@@ -1,21 +1,24 @@
-"""What a transfer did, layer by layer: similarities, energy kept, applied or why not; as JSON and as a table.
+"""What a transfer did, layer by layer: similarities, energies, what moved, applied or why not; as JSON and as a
+table.
 
 Every source layer of the LoRA gets a :class:`LayerRecord` with every target layer considered for it
-(:class:`CandidateRecord`: raw phi_U / phi_V, chance levels, normalised scores, energy kept, applied or
-the reason not). ``energy_kept`` of a candidate is the fraction of ``||ΔW||_F^2`` its projection keeps
-(before strength): exact for applied candidates; for the others it is filled in from the scoring basis
-when that basis was computed in the same run, and None when the similarity came from the cache (reading
-every candidate's basis back only for this would make a warm run ~10x slower). A layer's energy kept is
-the mean over the targets it was applied to (0 when dropped); the summary's is the ΔW-energy-weighted
-mean over all source layers. ``energy_from_screening`` marks energies computed on screening bases (estimates
-where those bases are), and a similarity's ``estimate`` flag marks scores from such bases; applied pairs are
-always scored again on the projection bases.
+(:class:`CandidateRecord`: raw phi_U / phi_V, chance levels, normalised scores with the interval an estimate
+promises, applied or the reason not). Two energies, each from one operator for every candidate they are given
+for, so they compare: ``energy_in_target``, the share of ``||ΔW||_F^2`` inside the target's top-r subspaces (the
+paper's Eq. 3), for every candidate whose basis was at hand in the run (``energy_from_sketch``: measured on a
+screening sketch, an estimate), and ``energy_kept``, what the transfer operator actually used kept, for applied
+candidates. A layer's energy kept is the mean over the targets it was applied to (0 when dropped); the summary's
+is the ΔW-energy-weighted mean over all source layers. A similarity's ``estimate`` flag marks scores from
+sketches; applied pairs carry their exact score.
 
 Per applied candidate the report gives the ``operator`` used (``auto``, ``subspace``, ``subspace+null``,
-``identity (identical weights)``, ``direct``) and the side weights ``w_u`` / ``w_v`` of the side-wise operator
-(METHOD §2); per source layer how many targets received it and with what total strength; per target the energy
-injected (``||ΔW'||_F^2`` after combining and strengths), summed in the summary's ``injected_energy`` relative
-to the LoRA's own energy (above 1 when one source block lands on several targets).
+``identity (identical weights)``, ``direct``), the side weights ``w_u`` / ``w_v`` of the soft side-wise operator
+(METHOD §2c) and ``change``, how far the update moved from a direct copy (METHOD §2c "what moved"; the summary
+counts applied pairs that arrived whole, changed by at most 2%, or more); per source layer how many targets
+received it and with what total strength; per target the energy injected (``||ΔW'||_F^2`` after combining and
+strengths), summed in the summary's ``injected_energy`` relative to the LoRA's own energy (above 1 when one
+source block lands on several targets). ``work`` counts the candidate pairs by how far their score had to be
+computed (identical by value, decided on an estimate's bound, scored exactly, never needed).
 """
 from __future__ import annotations
 
@@ -34,16 +37,16 @@ CHANGED_LITTLE = 0.02
 class CandidateRecord:
     target_key: str
     compat: str                      # "same" | "squeeze" | "embed"
-    similarity: dict | None          # similarity.similarity_dict(); None in direct mode
-    energy_kept: float | None        # None when not computed
+    similarity: dict | None          # similarity.similarity_dict(); None in direct mode and where never needed
+    energy_in_target: float | None   # share of ΔW's energy inside the target's top-r subspaces (Eq. 3's operator)
     applied: bool = False
     strength: float = 0.0
     reason: str | None = None
-    energy_from_screening: bool = False   # energy_kept computed on screening bases, not the projection's
+    energy_from_sketch: bool = False      # energy_in_target measured on a screening sketch: an estimate
     operator: str | None = None           # applied: the transfer operator used
-    w_u: float | None = None              # applied side-wise: the complement weights (METHOD §2)
+    w_u: float | None = None              # applied side-wise: the complement weights (METHOD §2c)
     w_v: float | None = None
-    estimate_error: float | None = None   # applied: exact score minus screening estimate, when it was > 0.01
+    energy_kept: float | None = None      # applied: ||ΔW'||^2 / ||ΔW||^2 of the operator used
     change: float | None = None           # applied: ||ΔW' - ΔW||_F / ||ΔW||_F, the change against a direct copy
 
 
@@ -95,6 +98,7 @@ class Report:
     notes: list[str] = field(default_factory=list)
     shared_blocks: dict[str, list[str]] = field(default_factory=dict)   # target block -> several source blocks
     provenance: dict[str, str] = field(default_factory=dict)   # files read, hashes (files/provenance.py)
+    work: dict[str, int] = field(default_factory=dict)         # candidate pairs by how they were settled
 
     # -- summary ----------------------------------------------------------------------------------
     def summary(self) -> dict:
