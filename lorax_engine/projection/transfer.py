@@ -61,10 +61,10 @@ from ..analysis.subspaces import (
     SubspaceCache,
     SubspaceSpec,
     fast_sketch_dtype,
-    matrix_shape,
 )
-from ..errors import IncompatibleLoraError, LoraXError, TransferOptionError
+from ..errors import LoraXError, TransferOptionError
 from ..files.base_weights import prefetch_fingerprints, tensor_fingerprint
+from ..files.compatibility import check_transfer_inputs, layer_fits
 from ..files.lora import LoraLayer, LoraModel
 from ..reports.report import IDENTITY_OPERATOR, CandidateRecord, LayerRecord, Report, TargetRecord
 from .operators import (
@@ -238,7 +238,7 @@ def _plan_entries(smap: SubspaceMap, keys, lora: LoraModel | None):
     for key in keys:
         fits = key in smap.source
         if fits and lora is not None:
-            fits = _fits(lora.layers[key], smap.source.shape(key))
+            fits = layer_fits(lora.layers[key], smap.source.shape(key))
         if not fits:
             ref = parse_key(key) or LayerRef(key, "other", "other", (99,), None, key)
             smap.entries[key] = MapEntry(Candidates(ref, tuple(lora.layers[key].weight_shape) if lora else (),
@@ -354,24 +354,14 @@ def _score(smap: SubspaceMap, keys: list[str], lora: LoraModel | None, progress:
     return total
 
 
-def _fits(layer: LoraLayer, source_shape) -> bool:
-    return bool(source_shape) and matrix_shape(source_shape) == (layer.up.shape[0], math.prod(layer.down.shape[1:]))
-
-
-def _check_fits(lora: LoraModel, source, reasons: list):
-    if reasons and all(r == DROP_NOT_IN_SOURCE for r in reasons):
-        where = f" ({lora.source_path})" if lora.source_path else ""
-        raise IncompatibleLoraError(
-            f"LoRA{where} does not fit the source model {source.name}: none of its {len(reasons)} layers exists "
-            f"there with the same shape (LoRA architecture {lora.architecture!r}, source model "
-            f"{source.architecture!r}); the source model must be the one the LoRA was trained on")
-
-
 def compute_similarity_map(source, target, options: TransferOptions | None = None, *, lora: LoraModel | None = None,
                            source_keys=None, cache: SubspaceCache | None = None, progress: Progress = None,
                            should_stop: ShouldStop = None, _extra_total: int = 0) -> SubspaceMap:
     """Score every candidate pair for the LoRA's layers (``lora``), the given ``source_keys``, or every
-    source layer of a known role. With ``lora``, each candidate's energy kept is recorded too."""
+    source layer of a known role. With ``lora``, each candidate's energy kept is recorded too; a LoRA, source or
+    target the transfer does not expect is refused first (files/compatibility.py)."""
+    if lora is not None:
+        check_transfer_inputs(lora, source, target)
     options = options or TransferOptions()
     t0 = time.perf_counter()
     cache = cache if cache is not None else SubspaceCache()
@@ -382,8 +372,6 @@ def compute_similarity_map(source, target, options: TransferOptions | None = Non
     else:
         keys = list(source_keys) if source_keys is not None else default_source_keys(source)
     _plan_entries(smap, keys, lora)
-    if lora is not None:
-        _check_fits(lora, source, [smap.entries[k].candidates.reason for k in keys])
     if options.mode != "direct":
         smap.steps = _score(smap, keys, lora, progress, should_stop, extra_total=_extra_total)
     smap.seconds = time.perf_counter() - t0
@@ -406,8 +394,8 @@ def _choose(smap: SubspaceMap, opts: TransferOptions, lora: LoraModel, keys: lis
             ) -> dict[str, tuple[dict[str, float], dict[str, str]]]:
     """{source key: ({chosen target: strength}, {other target: reason})} for every layer with candidates."""
     out = {}
-    live = [k for k in keys if not smap.entries[k].candidates.reason and _fits(lora.layers[k],
-                                                                                 smap.entries[k].candidates.source_shape)]
+    live = [k for k in keys if not smap.entries[k].candidates.reason
+            and layer_fits(lora.layers[k], smap.entries[k].candidates.source_shape)]
     if opts.mode == "direct":
         return {k: ({smap.entries[k].candidates.targets[0][0]: 1.0}, {}) for k in live}
     if opts.policy != "best":
@@ -470,6 +458,7 @@ def project(lora: LoraModel, subspace_map: SubspaceMap, options: TransferOptions
     one ``auto`` weights with; a screening estimate that was off by more than :data:`ESTIMATE_TOLERANCE` is noted.
     """
     smap = subspace_map
+    check_transfer_inputs(lora, smap.source, smap.target)
     opts = smap.options if options is None else replace(
         options, rank=smap.options.rank, method=smap.options.method, device=smap.options.device,
         oversample=smap.options.oversample, power_iters=smap.options.power_iters, seed=smap.options.seed)
@@ -521,7 +510,6 @@ def project(lora: LoraModel, subspace_map: SubspaceMap, options: TransferOptions
             rec.reason = (DROP_NOT_IN_UNIT if reasons and all(r == NOT_BEST_UNIT for r in reasons.values())
                           else DROP_BELOW_THRESHOLD)
 
-    _check_fits(lora, source, [r.reason for r in records.values()])
     proj_spec = opts.projection_spec()
     out_layers: dict[str, LoraLayer] = {}
     targets: list[TargetRecord] = []
