@@ -7,6 +7,7 @@ compare it with its committed twin; ``scripts/make_ui_workflows.py`` writes the 
 from __future__ import annotations
 
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+NODE_WIDTH = 420   # wide enough that no widget shows a cut label ("source_checkpoint" with a checkpoint name)
 SEED_NAMES = {"seed", "noise_seed"}
 
 
@@ -119,8 +120,8 @@ def api_to_ui(api: dict, object_info: dict) -> dict:
         col = depth[nid]
         row = column_rows.get(col, 0)
         column_rows[col] = row + 1
-        node = {"id": int(nid), "type": entry["class_type"], "pos": [40 + 380 * col, 40 + 260 * row],
-                "size": [340, 90 + 26 * (len(widgets) + len(inputs))], "flags": {}, "order": index, "mode": 0,
+        node = {"id": int(nid), "type": entry["class_type"], "pos": [40 + 460 * col, 40 + 260 * row],
+                "size": [NODE_WIDTH, 90 + 26 * (len(widgets) + len(inputs))], "flags": {}, "order": index, "mode": 0,
                 "inputs": inputs, "outputs": outputs,
                 "properties": {"Node name for S&R": entry["class_type"]}, "widgets_values": widgets}
         if entry.get("_meta", {}).get("title"):

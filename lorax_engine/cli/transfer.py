@@ -25,6 +25,7 @@ import torch
 from ..analysis.matching import DEFAULT_POLICY, DEFAULT_THRESHOLD, POLICIES
 from ..analysis.subspaces import DEFAULT_RANK, SubspaceCache, default_cache_dir
 from ..atomic import write_text_atomic
+from ..cache_bound import DiskBound
 from ..errors import ArchitectureError, LoraXError, OutputPathError, TransferOptionError
 from ..files.base_weights import CheckpointWeights
 from ..files.compatibility import check_model_pair, check_transfer_inputs
@@ -236,12 +237,12 @@ def run_transfer(args) -> int:
     try:
         check_transfer_inputs(lora, source, target)     # before the files are hashed
         hash_ahead(args.lora, args.source_model, args.target_model, memo_dir=cache.fingerprint_dir)
-        result, report = transfer(lora, source, target, options, cache=cache, progress=bar)
+        with DiskBound(cache) as bound:                 # also after an error or Ctrl-C
+            result, report = transfer(lora, source, target, options, cache=cache, progress=bar, should_stop=bound)
     finally:
         bar.close()
         source.close()
         target.close()
-        cache.trim_disk()       # also after an error or Ctrl-C
     _record_sources(result, report, args, args.lora, cache)
     _write_result(result, report, args.out)
     if args.report:
@@ -267,13 +268,13 @@ def run_similarity(args) -> int:
             check_transfer_inputs(lora, source, target)
         else:
             check_model_pair(source, target)
-        smap = compute_similarity_map(source, target, options, source_keys=sorted(lora.layers) if lora else None,
-                                      cache=cache, progress=bar)
+        with DiskBound(cache) as bound:
+            smap = compute_similarity_map(source, target, options, cache=cache, progress=bar, should_stop=bound,
+                                          source_keys=sorted(lora.layers) if lora else None)
     finally:
         bar.close()
         source.close()
         target.close()
-        cache.trim_disk()
     if args.report:
         import json
         _write_text(args.report, json.dumps(smap.to_dict(), indent=1))
@@ -304,6 +305,7 @@ def run_batch(args) -> int:
     cache = _cache(args)
     source, target = _open_models(args, cache)
     failures, skipped, written, start = [], [], set(), time.perf_counter()
+    bound = DiskBound(cache)
     try:
         check_model_pair(source, target)
         hash_ahead(args.source_model, args.target_model, memo_dir=cache.fingerprint_dir)
@@ -311,7 +313,8 @@ def run_batch(args) -> int:
             bar = ProgressBar(f"[{i}/{len(files)}] {path.name[:40]}", not args.quiet)
             try:
                 lora = read_lora(path)
-                result, report = transfer(lora, source, target, options, cache=cache, progress=bar)
+                result, report = transfer(lora, source, target, options, cache=cache, progress=bar,
+                                          should_stop=bound)
                 bar.close()
                 _record_sources(result, report, args, path, cache)
                 out = args.out_dir / f"{sanitize_stem(path.stem)}.safetensors"
@@ -338,7 +341,7 @@ def run_batch(args) -> int:
     finally:
         source.close()
         target.close()
-        cache.trim_disk()
+        bound.trim()
     converted = len(files) - len(failures) - len(skipped)
     print(f"batch: {converted} of {len(files)} converted, {len(skipped)} skipped, {len(failures)} failed, "
           f"{time.perf_counter() - start:.1f} s")

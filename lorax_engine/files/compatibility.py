@@ -53,9 +53,9 @@ def check_model_pair(source, target, *, source_family: str | None = None, target
     ``source_family`` / ``target_family`` narrow what is accepted (the one-node loader: "sd1" -> "sdxl")."""
     src, tgt = LORA_FAMILY.get(source.architecture), LORA_FAMILY.get(target.architecture)
     if tgt is None or (target_family is not None and tgt != target_family):
-        wanted = (f"{LABELS[target_family]}-family models" if target_family is not None
-                  else "SD1.5, SDXL, SSD-1B and Segmind Vega")
-        raise ArchitectureError(f"{_model(target, 'target')} is {_kind(target)}: LoRA-X writes LoRAs for {wanted} "
+        wanted = [LABELS[arch] for arch, family in LORA_FAMILY.items() if target_family in (None, family)]
+        listed = " and ".join([", ".join(wanted[:-1]), wanted[-1]] if len(wanted) > 1 else wanted)
+        raise ArchitectureError(f"{_model(target, 'target')} is {_kind(target)}: LoRA-X writes LoRAs for {listed} "
                                 "only")
     if src is None or (source_family is not None and src != source_family):
         family = source_family or "sd1"
