@@ -20,6 +20,7 @@ from lorax_engine.projection.operators import (
     project_sidewise,
     project_subspace,
     projected_energy,
+    relative_change,
     side_weights,
 )
 
@@ -193,3 +194,42 @@ def test_direct_copies_delta_and_reshapes_conv_1x1_to_linear():
 def test_unknown_mode_is_an_option_error():
     with pytest.raises(TransferOptionError, match="mode must be one of"):
         check_mode("sideways")
+
+
+def test_relative_change_is_the_dense_distance_to_a_direct_copy_including_the_slot_embedding():
+    """METHOD §2c "what moved": ||ΔW' - ΔW|| / ||ΔW|| from the factors, with a 768-wide source input placed in the
+    first columns of a 2048-wide target (§3); 0 for the same update, whatever its factors' scale and alpha."""
+    m, n, width = 64, 48, 112
+    layer = _layer(m, n, k=5, alpha=2.0, seed=4)
+    basis = _basis(m, width, 12, seed=6)
+    out = project_subspace(layer, basis, (m, width))
+    embedded = torch.zeros(m, width, dtype=torch.float64)
+    embedded[:, :n] = _delta64(layer)
+    want = float((_delta64(out) - embedded).norm() / embedded.norm())
+    assert relative_change(layer, out) == pytest.approx(want, rel=1e-6)
+    same = LoraLayer(layer.up * 4.0, layer.down, layer.alpha / 4.0, (m, n))   # the same ΔW, other factors
+    assert relative_change(layer, same) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_the_report_counts_what_moved_per_applied_pair():
+    """A layer on identical weights arrives whole (change 0), one on an unrelated weight moves (METHOD §2c)."""
+    from lorax_engine.analysis.subspaces import SubspaceCache
+    from lorax_engine.files.base_weights import StateDictWeights
+    from lorax_engine.files.lora import LoraModel
+    from lorax_engine.projection.transfer import TransferOptions, transfer
+
+    g = torch.Generator().manual_seed(3)
+    same = "clip_l.transformer.text_model.encoder.layers.2.self_attn.q_proj.weight"
+    other = "clip_l.transformer.text_model.encoder.layers.3.self_attn.q_proj.weight"
+    w_same, w_src, w_tgt = (torch.randn(64, 64, generator=g) for _ in range(3))
+    source = StateDictWeights({same: w_same, other: w_src}, "sd1", "s")
+    target = StateDictWeights({same: w_same.clone(), other: w_tgt}, "sd1", "t")
+    lora = LoraModel({k: _layer(64, 64, seed=i) for i, k in enumerate((same, other))}, "sd1")
+    out, report = transfer(lora, source, target, TransferOptions(rank=16, method="exact", policy="all-above-threshold",
+                                                                 threshold=-math.inf), cache=SubspaceCache())
+    changes = {r.source_key: [c.change for c in r.candidates if c.applied] for r in report.layers}
+    assert changes[same][0] == pytest.approx(0.0, abs=1e-6)
+    moved = report.summary()["moved"]
+    # every layer goes to both target layers: one identical pair, three unrelated ones
+    assert moved == {"whole": 1, "little": 0, "more": 3}
+    assert report.summary()["max_change"] == pytest.approx(max(x for v in changes.values() for x in v))

@@ -114,6 +114,19 @@ def energy_fraction(original: LoraLayer, result: LoraLayer) -> float:
     return result.energy() / total if total > 0 else 0.0
 
 
+def relative_change(original: LoraLayer, result: LoraLayer) -> float:
+    """``||ΔW' - ΔW||_F / ||ΔW||_F``: how far the transferred update moved from a direct copy (METHOD §2c, "what
+    moved"), the source's input embedded into the target's width first (§3). The difference is itself a low-rank
+    product, ``[s' B' | -s B] [A'; A]``, so its norm comes from ``2k x 2k`` products of the factors."""
+    up, down = _factors(original, result.down.reshape(result.down.shape[0], -1).shape[1])
+    new_up, new_down = _factors(result, down.shape[1])
+    diff_up = torch.cat([new_up * result.scale, up.to(new_up.device) * -original.scale], dim=1).double()
+    diff_down = torch.cat([new_down, down.to(new_down.device)], dim=0).double()
+    moved = float(torch.sum((diff_up.T @ diff_up) * (diff_down @ diff_down.T)).clamp_min(0))
+    total = original.energy()
+    return (moved / total) ** 0.5 if total > 0 else 0.0
+
+
 def projected_energy_terms(layer: LoraLayer, basis: Basis) -> tuple[torch.Tensor, torch.Tensor]:
     """``(kept, total)``: ``||P_U ΔW P_V||^2`` and ``||ΔW||^2`` up to the scale, as 0-d float64 tensors on the
     LoRA's device (the basis is placed there), from k x k products only."""

@@ -78,6 +78,7 @@ from .operators import (
     project_sidewise,
     project_subspace,
     projected_energy,
+    relative_change,
     side_weights,
 )
 
@@ -546,6 +547,7 @@ def project(lora: LoraModel, subspace_map: SubspaceMap, options: TransferOptions
                     c.similarity = similarity_dict(sim)
                 out, c.operator, c.w_u, c.w_v = _project_pair(layer, opts.mode, sim, basis_s, basis_t, shape)
                 c.energy_kept, c.energy_from_screening = energy_fraction(layer, out), False
+                c.change = relative_change(layer, out)
                 parts.append((out, strength))
             combined = combine(parts, shape)
             cap_kept = 1.0

@@ -24,6 +24,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 IDENTITY_OPERATOR = "identity (identical weights)"
+# "what moved" (METHOD §2c): an applied update whose change against a direct copy is at most this arrived whole
+# (rounding of the factor products), at most CHANGED_LITTLE changed little
+ARRIVED_WHOLE = 1e-6
+CHANGED_LITTLE = 0.02
 
 
 @dataclass
@@ -40,6 +44,7 @@ class CandidateRecord:
     w_u: float | None = None              # applied side-wise: the complement weights (METHOD §2)
     w_v: float | None = None
     estimate_error: float | None = None   # applied: exact score minus screening estimate, when it was > 0.01
+    change: float | None = None           # applied: ||ΔW' - ΔW||_F / ||ΔW||_F, the change against a direct copy
 
 
 @dataclass
@@ -100,6 +105,7 @@ class Report:
         total = sum(layer.energy for layer in self.layers)
         kept = sum(layer.energy * layer.energy_kept for layer in self.layers)
         applied = [c for layer in self.layers for c in layer.candidates if c.applied]
+        changes = [c.change for c in applied if c.change is not None]
         return {
             "source_layers": len(self.layers),
             "applied": sum(layer.applied for layer in self.layers),
@@ -111,6 +117,10 @@ class Report:
             "identical_layers": sum(c.operator == IDENTITY_OPERATOR for c in applied),
             "multi_target_layers": sum(layer.targets_received > 1 for layer in self.layers),
             "shared_target_blocks": len(self.shared_blocks),
+            "moved": {"whole": sum(x <= ARRIVED_WHOLE for x in changes),
+                      "little": sum(ARRIVED_WHOLE < x <= CHANGED_LITTLE for x in changes),
+                      "more": sum(x > CHANGED_LITTLE for x in changes)},
+            "max_change": max(changes) if changes else None,
             "seconds": round(sum(v for k, v in self.seconds.items() if k in ("similarity", "projection")), 3),
         }
 
