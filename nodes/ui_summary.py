@@ -6,7 +6,8 @@ explains the verdicts to users; the numbers below are the ones it quotes.
 * NONE: nothing was applied.
 * GOOD: something was applied, and every measure the report has says the LoRA arrived: the layers' similarity
   scores are clearly above chance (median over the scored layers), most of the LoRA's energy survived, and, where
-  the report measures it (METHOD §2c, "what moved"), most applied updates changed little against a direct copy.
+  the report can compare (METHOD §2c, "what moved": applied pairs whose shapes agree), most applied updates changed
+  little against a direct copy.
   Scores alone are not enough: a score near 1 over an update that turned by 14% is no good transfer.
 * WEAK: applied, but one of those falls short (each shortfall is named on the node).
 
@@ -43,11 +44,9 @@ def best_scores(report) -> list[float]:
     return best
 
 
-def _moved(summary: dict) -> tuple[int, int] | None:
-    """(pairs changed more than a little, pairs compared) from the report's "what moved", when it has it."""
-    moved = summary.get("moved")
-    if not moved:
-        return None
+def _moved(summary: dict) -> tuple[int, int]:
+    """(pairs changed more than a little, pairs compared) from the report's "what moved"."""
+    moved = summary["moved"]
     return moved["more"], moved["whole"] + moved["little"] + moved["more"]
 
 
@@ -67,12 +66,10 @@ def verdict(report) -> tuple[str, list[str], float | None]:
     kept = s["energy_kept"]
     (measures if kept >= GOOD_ENERGY_KEPT else shortfalls).append(
         f"energy kept {100 * kept:.0f}% {'>=' if kept >= GOOD_ENERGY_KEPT else '<'} {100 * GOOD_ENERGY_KEPT:.0f}%")
-    moved = _moved(s)
-    if moved is not None:
-        more, compared = moved
-        if compared:
-            (measures if more <= GOOD_MOVED_MORE * compared else shortfalls).append(
-                f"{compared - more} of {compared} updates changed little")
+    more, compared = _moved(s)
+    if compared:           # applied pairs whose shapes agree (after METHOD §3's embedding)
+        (measures if more <= GOOD_MOVED_MORE * compared else shortfalls).append(
+            f"{compared - more} of {compared} updates changed little")
     return ("weak", shortfalls, median) if shortfalls else ("good", measures, median)
 
 

@@ -24,11 +24,11 @@ def _sim(score: float, unscored: bool = False, estimate: bool = False) -> dict:
     return {"score": score, "unscored": unscored, "estimate": estimate}
 
 
-def _layer(key, score, kept=0.9, applied=True, target=None, unscored=False, energy=1.0, reason=None):
+def _layer(key, score, kept=0.9, applied=True, target=None, unscored=False, energy=1.0, reason=None, change=None):
     target = target or key.replace("transformer_blocks.0", "transformer_blocks.1")
     cand = CandidateRecord(target, "same", _sim(score, unscored), kept if applied else None, applied,
                            1.0 if applied else 0.0, None if applied else reason, operator="auto" if applied else None,
-                           w_u=0.5 if applied else None, w_v=0.5 if applied else None)
+                           w_u=0.5 if applied else None, w_v=0.5 if applied else None, change=change)
     return LayerRecord(key, "input@640", "input_blocks.4.1.transformer_blocks.0", "attn1.to_q", [640, 640], 4,
                        energy, [cand], applied, None if applied else reason, kept if applied else 0.0,
                        1 if applied else 0, 1.0 if applied else 0.0)
@@ -37,15 +37,6 @@ def _layer(key, score, kept=0.9, applied=True, target=None, unscored=False, ener
 def _report(*layers, mode="auto") -> Report:
     return Report("v1-5-pruned-emaonly.safetensors", "sd_xl_base_1.0.safetensors", "sd1", "sdxl", mode, {},
                   list(layers))
-
-
-class _ReportWithMoved(Report):
-    """A report that measured what moved (METHOD §2c): applied pairs against a direct copy."""
-
-    moved = None
-
-    def summary(self) -> dict:
-        return {**super().summary(), "moved": self.moved, "max_change": 0.4}
 
 
 def test_good_rests_on_scores_and_energy():
@@ -70,16 +61,19 @@ def test_weak_names_each_shortfall(layers, shortfall):
 
 def test_scores_alone_are_not_enough_when_the_updates_moved():
     """Score 1.00 and energy kept 99% over updates that turned by 40%: WEAK, as METHOD §2c asks."""
-    report = _ReportWithMoved("a", "b", "sd1", "sdxl", "auto", {}, [_layer(Q, 1.0, kept=0.99),
-                                                                  _layer(K, 1.0, kept=0.99)])
-    report.moved = {"whole": 0, "little": 1, "more": 3}
-    summary = ui_summary.transfer_summary(report)
-    assert summary["verdict"] == "weak" and summary["lines"][1] == "weak: 1 of 4 updates changed little"
-    report.moved = {"whole": 2, "little": 1, "more": 1}
-    summary = ui_summary.transfer_summary(report)
+    layers = [_layer(k, 1.0, kept=0.99, change=c) for k, c in ((Q, 0.01), (K, 0.4), (T, 0.3))]
+    summary = ui_summary.transfer_summary(_report(*layers))
+    assert summary["verdict"] == "weak" and summary["lines"][1] == "weak: 1 of 3 updates changed little"
+    layers[1].candidates[0].change = 0.0
+    summary = ui_summary.transfer_summary(_report(*layers))
     assert summary["verdict"] == "good"
-    assert summary["lines"][1] == ("rests on: median score 1.00 >= 0.2, energy kept 99% >= 50%, 3 of 4 updates "
+    assert summary["lines"][1] == ("rests on: median score 1.00 >= 0.2, energy kept 99% >= 50%, 2 of 3 updates "
                                    "changed little")
+    text = _report(*layers).format_table().splitlines()
+    assert text[3] == "what moved, against a direct copy: 1 updates arrived whole, 1 changed by at most 2%, 1 more " \
+                      "(largest change 30%)"
+    assert [line.split()[-4] for line in text if line.startswith(("input_blocks", "clip_l"))] == ["1.0%", "0.0%",
+                                                                                                 "30.0%"]
 
 
 def test_none_when_nothing_is_applied():

@@ -177,12 +177,11 @@ class Report:
                  f"target layers; dropped: {reasons}",
                  f"energy kept {100 * s['energy_kept']:.1f}%, injected {100 * s['injected_energy']:.1f}%; "
                  f"{s['seconds']:.1f} s"]
-        moved = s.get("moved")
-        if moved:
-            largest = s.get("max_change")
+        moved = s["moved"]
+        if s["max_change"] is not None:
             lines.append(f"what moved, against a direct copy: {moved['whole']} updates arrived whole, "
-                         f"{moved['little']} changed a little, {moved['more']} more"
-                         + (f" (largest change {100 * largest:.0f}%)" if largest is not None else ""))
+                         f"{moved['little']} changed by at most {100 * CHANGED_LITTLE:.0f}%, {moved['more']} more "
+                         f"(largest change {100 * s['max_change']:.0f}%)")
         lines.extend(self.notes)
         lines += ["", _TABLE_LEGEND, _TABLE_HEAD, "-" * len(_TABLE_HEAD)]
         for layer in self.layers:
@@ -204,7 +203,7 @@ class Report:
         else:
             score = f"{'~' if sim.get('estimate') else ''}{sim['score']:.2f}"
         kept = f"{100 * layer.energy_kept:.0f}%" if layer.applied else "-"
-        change = getattr(best, "change", None) if layer.applied else None
+        change = best.change if layer.applied else None
         changed = f"{100 * change:.1f}%" if change is not None else "-"
         result = _applied_status(layer) if layer.applied else f"dropped: {layer.reason}"
         return f"{_short(layer.source_key, 40):40} {sent_to:24} {score:>10} {kept:>6} {changed:>8}  {result}"
