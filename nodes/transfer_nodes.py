@@ -11,6 +11,7 @@ import torch
 
 from ..lorax_engine.analysis.matching import DEFAULT_POLICY, DEFAULT_THRESHOLD, POLICIES
 from ..lorax_engine.analysis.subspaces import DEFAULT_RANK
+from ..lorax_engine.errors import OutputPathError
 from ..lorax_engine.files.base_weights import CheckpointWeights
 from ..lorax_engine.files.compatibility import check_model_pair, check_transfer_inputs
 from ..lorax_engine.files.file_memo import file_stamp
@@ -373,9 +374,12 @@ class SaveLoRAX:
         try:
             os.makedirs(root, exist_ok=True)
         except OSError as err:
-            raise NodeError(f"{root}: the output folder cannot be created ({err.strerror or err})") from None
+            raise NodeError(f"{save_to}: the folder cannot be created ({err.strerror or err})") from None
         path = self._target(root, filename_prefix)
-        write_lora_with_provenance(projected_lora, path, architecture=projected_lora.architecture)
+        try:
+            write_lora_with_provenance(projected_lora, path, architecture=projected_lora.architecture)
+        except OutputPathError as err:      # named as chosen (save_to/filename_prefix), not by the server's path
+            raise NodeError(str(err).replace(path, os.path.join(save_to, os.path.relpath(path, root)))) from None
         return {"ui": {"lorax": [{"verdict": "good", "lines": [f"saved {os.path.basename(path)}"]}],
                        "text": [path]},
                 "result": (path,)}

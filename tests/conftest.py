@@ -36,8 +36,9 @@ def zoo():
 @pytest.fixture(scope="session")
 def comfy_server(tmp_path_factory):
     """A headless ComfyUI server (``.url``, ``.base_dir``, ``.run_prompt()``, ``.upload_model()``,
-    ``.log_text()``) in a temporary base dir, with this repo symlinked as ``custom_nodes/lora-x``."""
-    server = comfy_harness.ComfyServer(tmp_path_factory.mktemp("comfy_base"))
+    ``.log_text()``, ``.interrupt_at()``) in a temporary base dir, with this repo symlinked as
+    ``custom_nodes/lora-x`` and the test hooks (tests/comfy_plugins) beside it."""
+    server = comfy_harness.ComfyServer(tmp_path_factory.mktemp("comfy_base"), test_hooks=True)
     server.start()
     try:
         yield server

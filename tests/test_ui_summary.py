@@ -3,17 +3,12 @@ here layer by layer: GOOD, WEAK (for each measure that can fall short) and NONE,
 it rests on; unscored pairs give no number and count in no median."""
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
-from comfy_harness import REPO_ROOT
+from comfy_harness import load_ui_summary
 
 from lorax_engine.reports.report import CandidateRecord, LayerRecord, Report
 
-# ui_summary is ComfyUI-free: loaded on its own, without the pack (whose package imports ComfyUI)
-_spec = importlib.util.spec_from_file_location("ui_summary", REPO_ROOT / "nodes" / "ui_summary.py")
-ui_summary = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(ui_summary)
+ui_summary = load_ui_summary()      # ComfyUI-free: loaded without the pack (whose package imports ComfyUI)
 
 Q = "diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_q.weight"
 K = "diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_k.weight"
