@@ -16,12 +16,14 @@ Unscored pairs (neither side informative: every candidate would score 1) give no
 from __future__ import annotations
 
 import statistics
+import textwrap
 
 # A layer score is normalised so 0 is chance and 1 is the same subspace (METHOD §1). Below this median,
 # the matched subspaces are barely better than chance and the transfer carries little of the LoRA.
 WEAK_MEDIAN_SCORE = 0.2
 # Below this share of the LoRA's energy (||dW||_F^2) surviving the projection, most of the LoRA was cut away.
 GOOD_ENERGY_KEPT = 0.5
+LINE_WIDTH = 64     # characters per verdict line: the canvas shows them unwrapped, on nodes ~560 px wide
 # GOOD needs at most this share of the applied pairs the report compares with a direct copy to have changed more
 # than a little (report.py: CHANGED_LITTLE).
 GOOD_MOVED_MORE = 0.5
@@ -62,7 +64,8 @@ def verdict(report) -> tuple[str, list[str], float | None]:
         shortfalls.append("no layer pair could be scored")
     else:
         (measures if median >= WEAK_MEDIAN_SCORE else shortfalls).append(
-            f"median score {median:.2f} {'>=' if median >= WEAK_MEDIAN_SCORE else '<'} {WEAK_MEDIAN_SCORE:g}")
+            f"median score {median:.2f} {'>=' if median >= WEAK_MEDIAN_SCORE else '<'} {WEAK_MEDIAN_SCORE:g} "
+            "(0 = chance, 1 = same)")
     kept = s["energy_kept"]
     (measures if kept >= GOOD_ENERGY_KEPT else shortfalls).append(
         f"energy kept {100 * kept:.0f}% {'>=' if kept >= GOOD_ENERGY_KEPT else '<'} {100 * GOOD_ENERGY_KEPT:.0f}%")
@@ -74,25 +77,22 @@ def verdict(report) -> tuple[str, list[str], float | None]:
 
 
 def transfer_summary(report) -> dict:
-    """{"verdict": good|weak|none, "lines": [...], ...} from a projection Report."""
+    """{"verdict": good|weak|none, "lines": [...], ...} from a projection Report. Lines stay within
+    :data:`LINE_WIDTH` characters: the canvas does not wrap them."""
     s = report.summary()
     kind, basis, median = verdict(report)
+    head = f"{kind.upper()}: {s['applied']}/{s['source_layers']} layers applied ({report.mode})"
+    lines = [head + {"good": "; rests on:", "weak": "; falls short on:", "none": ""}[kind],
+             *(f"  {item}" for item in basis)]
     reasons = ", ".join(f"{n} {r}" for r, n in s["dropped_by_reason"].items()) or "none"
-    lines = [f"{kind.upper()}: {s['applied']}/{s['source_layers']} layers applied ({report.mode})"]
-    if kind == "good":
-        lines.append("rests on: " + ", ".join(basis))
-    elif kind == "weak":
-        lines.append("weak: " + "; ".join(basis))
-    lines += [f"dropped: {reasons}",
-              f"energy kept {100 * s['energy_kept']:.0f}%, injected {100 * s['injected_energy']:.0f}%"]
+    lines += textwrap.wrap(f"dropped: {reasons}", LINE_WIDTH, subsequent_indent="  ")
     if s["identical_layers"]:
         lines.append(f"{s['identical_layers']} layers on identical weights arrive whole")
-    if median is not None:
-        lines.append(f"median score {median:.2f} (0 = chance, 1 = same)")
     if s["shared_target_blocks"]:
         lines.append(f"{s['shared_target_blocks']} target blocks receive several source blocks")
     if s["multi_target_layers"]:
-        lines.append(f"{s['multi_target_layers']} layers applied to several targets")
+        lines.append(f"{s['multi_target_layers']} layers applied to several targets, energy injected "
+                     f"{100 * s['injected_energy']:.0f}%")
     return {"verdict": kind, "lines": lines, "applied": s["applied"], "dropped": s["dropped"],
             "source_layers": s["source_layers"], "energy_kept": s["energy_kept"],
             "injected_energy": s["injected_energy"], "identical_layers": s["identical_layers"],

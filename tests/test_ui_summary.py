@@ -37,33 +37,36 @@ def _report(*layers, mode="auto") -> Report:
 def test_good_rests_on_scores_and_energy():
     summary = ui_summary.transfer_summary(_report(_layer(Q, 0.9, kept=0.95), _layer(K, 0.8, kept=0.95)))
     assert summary["verdict"] == "good"
-    assert summary["lines"][:4] == ["GOOD: 2/2 layers applied (auto)",
-                                    "rests on: median score 0.85 >= 0.2, energy kept 95% >= 50%",
-                                    "dropped: none", "energy kept 95%, injected 0%"]
+    assert summary["lines"] == ["GOOD: 2/2 layers applied (auto); rests on:",
+                                "  median score 0.85 >= 0.2 (0 = chance, 1 = same)", "  energy kept 95% >= 50%",
+                                "dropped: none"]
     assert summary["median_score"] == pytest.approx(0.85)
 
 
 @pytest.mark.parametrize("layers, shortfall", [
-    ((_layer(Q, 0.04), _layer(K, 0.1)), "weak: median score 0.07 < 0.2"),
-    ((_layer(Q, 0.9, kept=0.3), _layer(K, 0.8, kept=0.3)), "weak: energy kept 30% < 50%"),
-    ((_layer(Q, 0.04, kept=0.3), _layer(K, 0.1, kept=0.3)), "weak: median score 0.07 < 0.2; energy kept 30% < 50%"),
+    ((_layer(Q, 0.04), _layer(K, 0.1)), ["median score 0.07 < 0.2 (0 = chance, 1 = same)"]),
+    ((_layer(Q, 0.9, kept=0.3), _layer(K, 0.8, kept=0.3)), ["energy kept 30% < 50%"]),
+    ((_layer(Q, 0.04, kept=0.3), _layer(K, 0.1, kept=0.3)),
+     ["median score 0.07 < 0.2 (0 = chance, 1 = same)", "energy kept 30% < 50%"]),
 ], ids=["near chance", "energy cut", "both"])
 def test_weak_names_each_shortfall(layers, shortfall):
     summary = ui_summary.transfer_summary(_report(*layers))
     assert summary["verdict"] == "weak"
-    assert summary["lines"][:2] == ["WEAK: 2/2 layers applied (auto)", shortfall]
+    assert summary["lines"] == ["WEAK: 2/2 layers applied (auto); falls short on:", *(f"  {s}" for s in shortfall),
+                                "dropped: none"]
 
 
 def test_scores_alone_are_not_enough_when_the_updates_moved():
     """Score 1.00 and energy kept 99% over updates that turned by 40%: WEAK, as METHOD §2c asks."""
     layers = [_layer(k, 1.0, kept=0.99, change=c) for k, c in ((Q, 0.01), (K, 0.4), (T, 0.3))]
     summary = ui_summary.transfer_summary(_report(*layers))
-    assert summary["verdict"] == "weak" and summary["lines"][1] == "weak: 1 of 3 updates changed little"
+    assert summary["verdict"] == "weak" and summary["lines"][1:] == ["  1 of 3 updates changed little",
+                                                                     "dropped: none"]
     layers[1].candidates[0].change = 0.0
     summary = ui_summary.transfer_summary(_report(*layers))
     assert summary["verdict"] == "good"
-    assert summary["lines"][1] == ("rests on: median score 1.00 >= 0.2, energy kept 99% >= 50%, 2 of 3 updates "
-                                   "changed little")
+    assert summary["lines"][1:4] == ["  median score 1.00 >= 0.2 (0 = chance, 1 = same)", "  energy kept 99% >= 50%",
+                                     "  2 of 3 updates changed little"]
     text = _report(*layers).format_table().splitlines()
     assert text[3] == "what moved, against a direct copy: 1 updates arrived whole, 1 changed by at most 2%, 1 more " \
                       "(largest change 30%)"
@@ -75,17 +78,17 @@ def test_none_when_nothing_is_applied():
     summary = ui_summary.transfer_summary(_report(_layer(Q, 0.01, applied=False, reason="below threshold"),
                                                   _layer(K, 0.02, applied=False, reason="below threshold")))
     assert summary["verdict"] == "none"
-    assert summary["lines"][:2] == ["NONE: 0/2 layers applied (auto)", "dropped: 2 below threshold"]
+    assert summary["lines"] == ["NONE: 0/2 layers applied (auto)", "dropped: 2 below threshold"]
 
 
 def test_unscored_pairs_count_in_no_median_and_show_no_number():
     unscored = _layer(T, 1.0, unscored=True, target=T)
     summary = ui_summary.transfer_summary(_report(unscored, _layer(Q, 0.1)))
     assert summary["median_score"] == pytest.approx(0.1) and summary["verdict"] == "weak"
-    assert "median score 0.10 (0 = chance, 1 = same)" in summary["lines"]
+    assert "  median score 0.10 < 0.2 (0 = chance, 1 = same)" in summary["lines"]
     alone = ui_summary.transfer_summary(_report(unscored))
     assert alone["verdict"] == "weak" and alone["median_score"] is None
-    assert alone["lines"][1] == "weak: no layer pair could be scored"
+    assert alone["lines"][1] == "  no layer pair could be scored"
     assert not any("median" in line for line in alone["lines"])
 
     rows = {line.split()[0]: line for line in _report(unscored, _layer(Q, 0.1)).format_table().splitlines()

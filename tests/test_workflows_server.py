@@ -70,7 +70,7 @@ def test_convert_and_save_workflow_patches_like_the_stock_loader(server, zoo, co
     summary = history["outputs"]["6"]["lorax"][0]
     # every candidate of the chosen blocks applies; the tiny zoo's unrelated random UNets score near chance
     assert summary["verdict"] == "weak" and summary["applied"] > 0
-    assert summary["lines"][1].startswith("weak: median score 0.0")
+    assert summary["lines"][1].startswith("  median score 0.0")
     saved = history["outputs"]["7"]["text"][0]
     assert saved.endswith("/loras/server_test_convert_00001_.safetensors")
 
