@@ -3,7 +3,8 @@ chromium): every example workflow loads with no missing or red node; the one-nod
 text-to-image workflow with its shipped settings and shows its verdict and its report; a verdict belongs to its
 run: marked "from an earlier run" after a page reload or when a new run starts, replaced by the failure when the
 node fails, and gone from a workflow this server never ran (a shared one); in the classic LiteGraph canvas and in
-the Vue ("Nodes 2.0") renderer. Screenshots go to artifacts/browser/.
+the Vue ("Nodes 2.0") renderer. Screenshots go to artifacts/browser/ (another frontend's to
+artifacts/browser/frontend-<version>/).
 
 The pinned frontend (comfyui-frontend-package 1.32.9) is served by default; ``LORAX_FRONTEND_ROOT`` serves another
 build (tests/conftest.py), e.g. 1.58.1's ``static`` folder. Without chromium or the playwright module these tests
@@ -61,8 +62,11 @@ def page(playwright_api, comfy_server, zoo, tmp_path_factory):
     comfy_server.upload_model("checkpoints", zoo.checkpoint("demo_sdxl"), "sd_xl_base_1.0.safetensors")
     comfy_server.upload_model("loras", lora, "my_sd15_style_lora.safetensors")
     comfy_server.upload_model("loras", sdxl_lora, SDXL_LORA)
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
     with frontend(comfy_server, playwright_api) as page:
+        # another frontend's screenshots go beside the pinned one's, in a folder named by its version
+        version = page.evaluate("() => window.__COMFYUI_FRONTEND_VERSION__ ?? 'unknown'")
+        page.artifacts = ARTIFACTS / f"frontend-{version}" if os.environ.get("LORAX_FRONTEND_ROOT") else ARTIFACTS
+        page.artifacts.mkdir(parents=True, exist_ok=True)
         _listen(page)
         yield page
 
@@ -96,7 +100,7 @@ def test_workflow_loads_with_every_node_known(page, path):
     assert [s for s in state if not s["known"]] == []
     assert [s for s in state if s["red"]] == []
     frame_nodes(page)
-    page.screenshot(path=str(ARTIFACTS / f"{path.stem}.png"))
+    page.screenshot(path=str(page.artifacts / f"{path.stem}.png"))
 
 
 def _run(page, timeout=600_000) -> tuple[str, dict]:
@@ -182,7 +186,7 @@ def test_verdict_belongs_to_its_run_in_both_renderers(page, tmp_path):
                                                           "LoRAX_ProjectLoRA", "LoRAX_SaveLoRA"}
     assert all(text == stored for _, stored, text in reported)
     frame_nodes(page, "LoRAX_")
-    page.screenshot(path=str(ARTIFACTS / "after_run_verdict.png"))
+    page.screenshot(path=str(page.artifacts / "after_run_verdict.png"))
 
     # a reload restores the open workflow from what the frontend persisted: this server ran that prompt
     _reload(page, "LoRAX_ProjectLoRA")
@@ -191,7 +195,7 @@ def test_verdict_belongs_to_its_run_in_both_renderers(page, tmp_path):
     shown = _shown_verdict(page, "LoRAX_ProjectLoRA")
     assert shown["boxcolor"] == STALE_BOX and {**shown["summary"], "stale": False} == {**summary, "stale": False}
     _assert_shows(shown, _earlier(page, summary), "after a page reload")
-    page.screenshot(path=str(ARTIFACTS / "after_reload_verdict.png"))
+    page.screenshot(path=str(page.artifacts / "after_reload_verdict.png"))
 
     # saved to a file and loaded back on this server: the same
     saved = json.loads(page.evaluate("() => JSON.stringify(window.app.graph.serialize())"))
@@ -211,7 +215,7 @@ def test_verdict_belongs_to_its_run_in_both_renderers(page, tmp_path):
         shown = _shown_verdict(page, "LoRAX_ProjectLoRA")
         assert shown["inVueNode"], "the verdict widget is not inside the Vue node"
         _assert_shows(shown, _earlier(page, summary), "in the Vue renderer")
-        page.screenshot(path=str(ARTIFACTS / "vue_nodes_verdict.png"))
+        page.screenshot(path=str(page.artifacts / "vue_nodes_verdict.png"))
     finally:
         _set_vue_nodes(page, False)
 
@@ -256,7 +260,7 @@ def test_one_node_loader_run_report_failure_and_reload(page):
     assert report is not None and report.splitlines()[0] == (
         "LoRA-X auto: v1-5-pruned-emaonly.safetensors (sd1) -> unknown (ComfyUI MODEL input) (sdxl)")
     frame_nodes(page)
-    page.screenshot(path=str(ARTIFACTS / "one_node_after_run.png"))
+    page.screenshot(path=str(page.artifacts / "one_node_after_run.png"))
 
     # an SDXL LoRA picked from the list: the run fails on the loader, which says so instead of the old verdict
     _set_widgets(page, {"LoRAX_LoadSD15LoRAIntoSDXL": {"lora_name": SDXL_LORA}})
@@ -270,10 +274,10 @@ def test_one_node_loader_run_report_failure_and_reload(page):
     failed = _shown_verdict(page, "LoRAX_LoadSD15LoRAIntoSDXL")
     assert " ".join(failed["text"].splitlines()) == f"FAILED: {message}"
     assert failed["boxcolor"] == BOX_COLOURS["failed"] and failed["onScreen"]
-    page.screenshot(path=str(ARTIFACTS / "one_node_failed_dialog.png"))    # the frontend's own error dialog
+    page.screenshot(path=str(page.artifacts / "one_node_failed_dialog.png"))    # the frontend's own error dialog
     page.keyboard.press("Escape")
     frame_nodes(page)
-    page.screenshot(path=str(ARTIFACTS / "one_node_failed.png"))
+    page.screenshot(path=str(page.artifacts / "one_node_failed.png"))
 
     # the LoRA back, a run that reuses the transfer, then a reload: the verdict is from an earlier run
     _set_widgets(page, {"LoRAX_LoadSD15LoRAIntoSDXL": {"lora_name": "my_sd15_style_lora.safetensors",
@@ -290,5 +294,5 @@ def test_one_node_loader_run_report_failure_and_reload(page):
     _assert_shows(shown, _earlier(page, again), "after a page reload")
     assert shown["boxcolor"] == STALE_BOX
     frame_nodes(page)
-    page.screenshot(path=str(ARTIFACTS / "one_node_after_reload.png"))
+    page.screenshot(path=str(page.artifacts / "one_node_after_reload.png"))
     assert page.lorax_errors == []
