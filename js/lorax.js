@@ -167,7 +167,9 @@ function listenToRuns() {
     for (const id of e.detail?.nodes ?? []) {
       const node = nodeById(id);
       const summary = node?.properties?.[SUMMARY_PROPERTY];
-      if (summary?.stale && node.type.startsWith(PREFIX)) setSummary(node, { ...summary, stale: false });
+      if (summary?.stale && node.type.startsWith(PREFIX)) {
+        setSummary(node, { ...summary, stale: false, run: stamp() });
+      }
     }
   });
   api.addEventListener("execution_error", (e) => {

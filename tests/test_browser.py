@@ -219,6 +219,14 @@ def test_verdict_belongs_to_its_run_in_both_renderers(page, tmp_path):
     finally:
         _set_vue_nodes(page, False)
 
+    # run again with nothing changed: ComfyUI reuses every node's result, so the verdict is this run's again
+    event, detail = _run(page)
+    assert event == "execution_success", json.dumps(detail)[:2000]
+    _wait_settled(page, "LoRAX_ProjectLoRA", stale=False)
+    shown = _shown_verdict(page, "LoRAX_ProjectLoRA")
+    assert shown["summary"]["run"]["prompt_id"] == detail["prompt_id"] and shown["boxcolor"] == BOX_COLOURS["weak"]
+    _assert_shows(shown, summary["lines"], "after a run that reused the node's result")
+
     # the same workflow as someone else shares it: their run is no run of this server, so no verdict shows
     foreign = json.loads(json.dumps(saved))
     for node in foreign["nodes"]:

@@ -54,10 +54,14 @@ def folders(comfy, zoo, pack, tmp_path, monkeypatch):
 
 
 def _load(pack, model, strength_model, clip=None, lora_name=LORA_NAME, source_checkpoint=SD15_NAME, **extra):
-    node = pack.NODE_CLASS_MAPPINGS["LoRAX_LoadSD15LoRAIntoSDXL"]()
+    """Run the loader as the frontend would: every widget not given keeps its default."""
+    node_cls = pack.NODE_CLASS_MAPPINGS["LoRAX_LoadSD15LoRAIntoSDXL"]
+    defaults = {name: spec[1]["default"] for name, spec in node_cls.INPUT_TYPES()["required"].items()
+                if "default" in spec[1]}
+    inputs = {**defaults, "model": model, "clip": clip, "lora_name": lora_name, "source_checkpoint": source_checkpoint,
+              "strength_model": strength_model, "strength_clip": 1.0, **extra}
     with torch.inference_mode():
-        out = node.load(model=model, clip=clip, lora_name=lora_name, source_checkpoint=source_checkpoint,
-                        strength_model=strength_model, strength_clip=extra.pop("strength_clip", 1.0), **extra)
+        out = node_cls().load(**inputs)
     return out["result"], out["ui"]["lorax"][0]
 
 
