@@ -8,10 +8,12 @@ from .transfer_nodes import (
     ProjectLoRAX,
     SaveLoRAX,
     SubspaceSimilarity,
+    TransferOptionsNode,
 )
 
 NODE_CLASS_MAPPINGS = {
     "LoRAX_LoadSD15LoRAIntoSDXL": LoadSD15LoRAIntoSDXL,
+    "LoRAX_Options": TransferOptionsNode,
     "LoRAX_LoadSourceLoRA": LoadSourceLoRA,
     "LoRAX_SubspaceSimilarity": SubspaceSimilarity,
     "LoRAX_ProjectLoRA": ProjectLoRAX,
@@ -22,6 +24,7 @@ NODE_CLASS_MAPPINGS = {
 
 NODE_DISPLAY_NAME_MAPPINGS = {
     "LoRAX_LoadSD15LoRAIntoSDXL": "Load SD1.5 LoRA into SDXL (LoRA-X)",
+    "LoRAX_Options": "LoRA-X Options",
     "LoRAX_LoadSourceLoRA": "Load Source LoRA (LoRA-X)",
     "LoRAX_SubspaceSimilarity": "Subspace Similarity (LoRA-X)",
     "LoRAX_ProjectLoRA": "Project LoRA-X",

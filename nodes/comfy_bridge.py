@@ -8,6 +8,7 @@ every tensor on the CPU). LoRAs passed between the nodes stay on that device wit
 after each transfer and, when ComfyUI frees memory, LoRAs the nodes passed on in VRAM move to the CPU."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import re
@@ -21,8 +22,9 @@ import folder_paths
 import torch
 
 from ..lorax_engine.analysis.disk_budget import env_bytes
-from ..lorax_engine.analysis.subspaces import DEFAULT_MEMORY_BYTES, SubspaceCache
-from ..lorax_engine.errors import LoraXError
+from ..lorax_engine.analysis.subspaces import CACHE_ENV, DEFAULT_MEMORY_BYTES, SubspaceCache, default_cache_dir
+from ..lorax_engine.cache_bound import DiskBound
+from ..lorax_engine.errors import LoraFileError, LoraXError
 from ..lorax_engine.files.base_weights import as_matrix, tensor_fingerprint
 from ..lorax_engine.files.lora import LoraModel
 from ..lorax_engine.files.provenance import UNKNOWN_MODEL
@@ -57,12 +59,30 @@ def device_error_line(node, err: RuntimeError) -> str | None:
             "please report it with this line; meanwhile start ComfyUI with --cpu to transfer on the CPU")
 
 
+def display_name(path) -> str:
+    """How a node names a file: as ComfyUI lists it (relative to the model folder holding it), else by its own
+    name; never by the server's path. A relative name is one already (e.g. a checkpoint's listed name)."""
+    path = os.fspath(path)
+    if not os.path.isabs(path):
+        return path
+    real = os.path.realpath(path)
+    for paths, _ in list(folder_paths.folder_names_and_paths.values()):
+        for folder in paths:
+            for candidate, root in ((path, os.path.abspath(folder)), (real, os.path.realpath(folder))):
+                if candidate.startswith(os.path.join(root, "")):
+                    return os.path.relpath(candidate, root)
+    return os.path.basename(path)
+
+
 def user_errors(method):
-    """Turn the engine's errors, and torch device errors, into one-line node errors (no traceback in the UI)."""
+    """Turn the engine's errors, and torch device errors, into one-line node errors (no traceback in the UI);
+    files are named as ComfyUI lists them (:func:`display_name`)."""
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
         try:
             return method(self, *args, **kwargs)
+        except LoraFileError as err:
+            raise NodeError(f"{display_name(err.path)}: {err.problem}") from None
         except LoraXError as err:
             raise NodeError(str(err)) from None
         except RuntimeError as err:
@@ -122,6 +142,7 @@ def stop_if_cancelled() -> bool:
 
 MEMORY_BUDGET_ENV = "LORAX_MEMORY_CACHE_MB"
 ALLOW_ANY_PATH_ENV = "LORAX_ALLOW_ANY_PATH"
+CACHE_FOLDER = "lorax_cache"    # a folder name extra_model_paths.yaml may set, as for any model folder
 
 _cache = None
 _free_hooks: list = []      # functions emptying in-memory caches, called when ComfyUI frees memory
@@ -132,21 +153,35 @@ def memory_budget_bytes() -> int:
     return env_bytes(MEMORY_BUDGET_ENV, DEFAULT_MEMORY_BYTES / 2**20, 2**20)
 
 
+def cache_directory() -> str:
+    """Where the nodes keep their disk cache: ``$LORAX_CACHE_DIR`` (as the command line), else the
+    ``lorax_cache`` folder of ComfyUI's extra_model_paths.yaml (+ ``/subspaces``), else the user folder's."""
+    if os.environ.get(CACHE_ENV):
+        return str(default_cache_dir())
+    configured = folder_paths.folder_names_and_paths.get(CACHE_FOLDER, ((), ()))[0]
+    root = configured[0] if configured else os.path.join(folder_paths.get_user_directory(), CACHE_FOLDER)
+    return os.path.join(root, "subspaces")
+
+
 def subspace_cache() -> SubspaceCache:
-    """One cache per ComfyUI process (bases reused across prompts), persisted under the user folder."""
+    """One cache per ComfyUI process (bases reused across prompts), persisted in :func:`cache_directory`."""
     global _cache
     if _cache is None:
-        _cache = SubspaceCache(directory=os.path.join(folder_paths.get_user_directory(), "lorax_cache", "subspaces"),
-                               memory_bytes=memory_budget_bytes())
+        _cache = SubspaceCache(directory=cache_directory(), memory_bytes=memory_budget_bytes())
     return _cache
 
 
-def after_transfer():
-    """Hand back the VRAM the transfer's temporaries held, and keep the disk cache within
-    ``$LORAX_DISK_CACHE_GB`` (least recently used bases go first)."""
-    comfy.model_management.soft_empty_cache()
-    if _cache is not None:
-        _cache.trim_disk()
+@contextlib.contextmanager
+def engine_run():
+    """The engine's ``should_stop`` hook for one node's work: Cancel stops it, and the disk cache keeps its bound
+    (``$LORAX_DISK_CACHE_GB``) while it runs. Afterwards, however the work ended, the VRAM the transfer's
+    temporaries held goes back and the cache is trimmed once more."""
+    bound = DiskBound(subspace_cache(), stop_if_cancelled)
+    try:
+        yield bound
+    finally:
+        comfy.model_management.soft_empty_cache()
+        bound.trim()
 
 
 def on_free_memory(hook):
@@ -276,6 +311,7 @@ class PatcherWeights:
         self.name = UNKNOWN_MODEL       # a MODEL input does not know its file
         config = type(model.model.model_config).__name__
         self.architecture = _ARCHITECTURES.get(config, "unknown")
+        self.architecture_evidence = f"ComfyUI detects it as {config}"
         self._weights = {}
         patchers = [model] + ([clip.patcher] if clip is not None else [])
         for patcher in patchers:

@@ -11,7 +11,9 @@ import torch
 
 from ..lorax_engine.analysis.matching import DEFAULT_POLICY, DEFAULT_THRESHOLD, POLICIES
 from ..lorax_engine.analysis.subspaces import DEFAULT_RANK
+from ..lorax_engine.errors import OutputPathError
 from ..lorax_engine.files.base_weights import CheckpointWeights
+from ..lorax_engine.files.compatibility import check_model_pair, check_transfer_inputs
 from ..lorax_engine.files.file_memo import file_stamp
 from ..lorax_engine.files.keys import UNET_PREFIX
 from ..lorax_engine.files.lora import LoraLayer, LoraModel
@@ -38,15 +40,15 @@ from .comfy_bridge import (
     ComfyProgress,
     NodeError,
     PatcherWeights,
-    after_transfer,
     checked_path,
+    display_name,
     engine_device,
+    engine_run,
     is_sdxl,
     listed_file,
     memory_budget_bytes,
     on_engine_device,
     on_free_memory,
-    stop_if_cancelled,
     subspace_cache,
     user_errors,
 )
@@ -58,37 +60,51 @@ MAP_TYPE = "LORAX_SUBSPACE_MAP"        # per-layer similarities of two base mode
 PROJECTED_TYPE = "LORAX_PROJECTED_LORA"  # a LoRA projected into the target's subspaces
 SAVE_LOCATIONS = ("output", "models/loras/lorax")   # the folder filename_prefix is relative to
 
+OPTIONS_TYPE = "LORAX_OPTIONS"           # the transfer's settings, from LoRA-X Options
+DOCS = "docs/method.md"                 # the pack's own page on the method, in its folder
+
 _DEFAULTS = TransferOptions()
-MODE_TOOLTIP = ("auto (default): similarity-weighted (METHOD §2): the identity on identical layers, the paper's "
-                "Eq. 3 on near-chance pairs, continuous in between; subspace: the paper's Eq. 3 literally "
-                "(B' = U U^T B, A' = A V V^T); subspace+null: weight 1 on each side, also carrying the part outside "
-                "the source subspace into the target's complement (ProLoRA-like); direct: baseline copy where "
-                "shapes agree (what a stock loader does), for comparison only.")
+MODE_TOOLTIP = ("How each layer's change is adapted to SDXL. auto (default): kept whole where SDXL has the very "
+                "same layer (its CLIP-L text encoder), adapted the more the less the layers match. subspace: the "
+                "LoRA-X paper's projection as published: strongly filtered, and text-encoder changes lose most of "
+                "their strength. subspace+null: keeps more of each change than subspace. direct: copies changes "
+                "unadapted wherever shapes agree, as a stock LoRA loader does: for comparison only. More in "
+                f"{DOCS}.")
 
 
 def option_inputs() -> dict:
     """The transfer options' widgets, with the engine's choices and defaults (rank, threshold, policy, method)."""
     return {
         "rank": ("INT", {"default": DEFAULT_RANK, "min": 8, "max": 4096, "step": 8,
-                         "tooltip": "r: size of the singular subspaces compared and projected onto "
-                                    "(the paper uses 320)."}),
+                         "tooltip": "How many of each layer's main directions are compared and carried (default "
+                                    f"{DEFAULT_RANK}, as in the LoRA-X paper). Higher carries more of the LoRA's "
+                                    "change, also where SDXL works differently; lower filters more and is "
+                                    "faster."}),
         "threshold": ("FLOAT", {"default": DEFAULT_THRESHOLD, "min": -1.0, "max": 1.0, "step": 0.01,
-                                "tooltip": "Minimum normalised score for a layer pair to be used "
-                                           "(0 = chance level, 1 = identical subspaces)."}),
+                                "tooltip": "How alike an SD1.5 layer and its SDXL partner must be for the LoRA's "
+                                           "change to be carried (0 = no more alike than chance, 1 = the same). "
+                                           "Higher carries fewer layers: a weaker, safer effect; lower carries "
+                                           f"more: a stronger effect that may add artefacts. Default "
+                                           f"{DEFAULT_THRESHOLD:g}."}),
         "policy": (list(POLICIES), {"default": DEFAULT_POLICY,
-                                    "tooltip": "best: to the most similar target (each SD1.5 transformer block "
-                                               "goes whole to one SDXL block); all-above-threshold: to every "
-                                               "target above the threshold; spread: to every target of its "
-                                               "stage, strength divided by their count."}),
+                                    "tooltip": "Where each SD1.5 block's change goes in SDXL (SDXL has several "
+                                               "blocks for each of SD1.5's). best (default): whole, to the one "
+                                               "block most like it. all-above-threshold: to every block alike "
+                                               "enough: a stronger, broader effect. spread: shared out over every "
+                                               "block of its size: a softer, broader effect."}),
         "method": (list(TRANSFER_METHODS), {"default": _DEFAULTS.method,
-                                            "tooltip": "fast: randomised SVD to score candidates, Gram-matrix "
-                                                       "SVD (within ~5e-4 of exact) to project; exact: exact "
-                                                       "SVD for both."}),
+                                            "tooltip": "fast (default) or exact: exact skips every shortcut and "
+                                                       "takes several times longer for the same picture "
+                                                       "(similarities agree within 0.01)."}),
     }
 
 
 def mode_input():
     return (list(MODES), {"default": DEFAULT_MODE, "tooltip": MODE_TOOLTIP})
+
+
+def _lora_label(lora: LoraModel) -> str:
+    return display_name(lora.source_path) if lora.source_path else "the LoRA"
 
 
 def _scaled(lora: LoraModel, strength: float) -> LoraModel:
@@ -146,8 +162,7 @@ class LoadSourceLoRA:
         lora = on_engine_device(_scaled(lora, strength))
         tags = lora.metadata.get("ss_tag_frequency", "")
         # short lines for the node (the canvas does not wrap); the summary output is one line
-        name, kind = os.path.basename(lora.source_path or lora_name), f"{lora.source_format}, architecture " \
-            f"{lora.architecture}"
+        name, kind = _lora_label(lora), f"{lora.source_format}, architecture {lora.architecture}"
         layers = f"{len(lora.unet_keys())} UNet + {len(lora.text_keys())} text-encoder layers" + (
             ", trigger words kept" if tags else "")
         return {"ui": {"lorax": [{"verdict": "good" if lora.architecture == "sd1" else "weak",
@@ -156,10 +171,10 @@ class LoadSourceLoRA:
 
 
 class SubspaceSimilarity:
-    DESCRIPTION = ("Compares the base models layer by layer: the top-r singular subspaces of each SD1.5 weight "
-                   "against every SDXL candidate of the same role and width (LoRA-X, METHOD §1 and §4). Scores "
-                   "are chance-normalised: 0 = what two random subspaces share, 1 = the same subspace. Reads the "
-                   "unpatched base weights; LoRAs already applied to the inputs are ignored.")
+    DESCRIPTION = ("Compares the two base models layer by layer: how alike each SD1.5 layer is to every SDXL "
+                   "layer of the same kind and size, on a scale where 0 is what unrelated layers share by chance "
+                   "and 1 is the same. Reads the base weights as loaded (LoRAs already applied to the inputs are "
+                   f"ignored). How the scores are made: {DOCS}.")
     CATEGORY = CATEGORY
     FUNCTION = "compare"
     RETURN_TYPES = (MAP_TYPE, "IMAGE", "STRING")
@@ -192,24 +207,27 @@ class SubspaceSimilarity:
         # a MODEL input does not tell which file it came from: the report says so rather than invent a name
         source = PatcherWeights(source_model, source_clip)
         target = PatcherWeights(target_model, target_clip)
+        if lora is not None:
+            check_transfer_inputs(lora, source, target, lora_name=_lora_label(lora))
+        else:
+            check_model_pair(source, target)
         options = TransferOptions(rank=rank, method=method, threshold=threshold, policy=policy,
                                   device=engine_device())
-        smap = compute_similarity_map(source, target, options, lora=lora, cache=subspace_cache(),
-                                      progress=ComfyProgress(unique_id), should_stop=stop_if_cancelled)
-        after_transfer()
-        rows = smap.plot_rows()
-        image = plot_similarity(rows, threshold=threshold,
+        with engine_run() as should_stop:
+            smap = compute_similarity_map(source, target, options, lora=lora, cache=subspace_cache(),
+                                          progress=ComfyProgress(unique_id), should_stop=should_stop)
+        image = plot_similarity(smap.plot_rows(), threshold=threshold,
                                 title=f"LoRA-X similarity {source.architecture} -> {target.architecture}, r={rank}")
-        summary = map_summary(rows, threshold)
+        summary = map_summary(smap, threshold)
         text = "\n".join(summary["lines"])
         return {"ui": {"lorax": [summary]},
                 "result": (smap, torch.from_numpy(image).float().unsqueeze(0), text)}
 
 
 class ProjectLoRAX:
-    DESCRIPTION = ("Projects each LoRA layer into the matched target layer's principal subspaces "
-                   "(LoRA-X, paper Eq. 3, on the factors: B' = U U^T B, A' = A V V^T). Layers without a "
-                   "counterpart or below the threshold are dropped and reported.")
+    DESCRIPTION = ("Carries each LoRA layer to the SDXL layer it was matched with, adapting its change to that "
+                   "layer (the mode says how). Layers with no SDXL counterpart, or too unlike theirs, are dropped "
+                   f"and the report says why. The method: {DOCS}.")
     CATEGORY = CATEGORY
     FUNCTION = "project"
     RETURN_TYPES = (PROJECTED_TYPE, "STRING")
@@ -225,18 +243,21 @@ class ProjectLoRAX:
                 "subspace_map": (MAP_TYPE, {"tooltip": "Layer similarities (from Subspace Similarity)."}),
                 "mode": mode_input(),
                 "rank_cap": ("INT", {"default": 0, "min": 0, "max": 1024,
-                                     "tooltip": "Cap each output layer's rank by truncated SVD (0 = no cap)."}),
+                                     "tooltip": "Make the output LoRA smaller by keeping at most this many "
+                                                "directions per layer (0 = keep all): a smaller file, a little "
+                                                "less of the effect."}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
     @user_errors
     def project(self, lora, subspace_map, mode, rank_cap, unique_id=None):
+        check_transfer_inputs(lora, subspace_map.source, subspace_map.target, lora_name=_lora_label(lora))
         options = replace(subspace_map.options, mode=mode, output_rank=rank_cap or None)
-        projected, report = project(lora, subspace_map, options, progress=ComfyProgress(unique_id),
-                                    should_stop=stop_if_cancelled)
+        with engine_run() as should_stop:
+            projected, report = project(lora, subspace_map, options, progress=ComfyProgress(unique_id),
+                                        should_stop=should_stop)
         projected = on_engine_device(projected)
-        after_transfer()
         provenance = source_provenance(lora_path=lora.source_path, memo_dir=subspace_cache().fingerprint_dir)
         attach(projected, report, {**provenance, "lorax.source_format": lora.source_format})
         return {"ui": {"lorax": [transfer_summary(report)]},
@@ -353,9 +374,12 @@ class SaveLoRAX:
         try:
             os.makedirs(root, exist_ok=True)
         except OSError as err:
-            raise NodeError(f"{root}: the output folder cannot be created ({err.strerror or err})") from None
+            raise NodeError(f"{save_to}: the folder cannot be created ({err.strerror or err})") from None
         path = self._target(root, filename_prefix)
-        write_lora_with_provenance(projected_lora, path, architecture=projected_lora.architecture)
+        try:
+            write_lora_with_provenance(projected_lora, path, architecture=projected_lora.architecture)
+        except OutputPathError as err:      # named as chosen (save_to/filename_prefix), not by the server's path
+            raise NodeError(str(err).replace(path, os.path.join(save_to, os.path.relpath(path, root)))) from None
         return {"ui": {"lorax": [{"verdict": "good", "lines": [f"saved {os.path.basename(path)}"]}],
                        "text": [path]},
                 "result": (path,)}
@@ -400,43 +424,69 @@ projected_memo = _ProjectedMemo()
 on_free_memory(projected_memo.clear)
 
 
+class TransferOptionsNode:
+    DESCRIPTION = ("Settings of the transfer, for Load SD1.5 LoRA into SDXL, for people who tune. Without this node "
+                   "the loader uses the values shown here (the defaults). What each setting does to the picture is "
+                   f"in its tooltip; the method behind them in {DOCS}.")
+    CATEGORY = CATEGORY
+    FUNCTION = "options"
+    RETURN_TYPES = (OPTIONS_TYPE,)
+    RETURN_NAMES = ("options",)
+    OUTPUT_TOOLTIPS = ("Connect to the options input of Load SD1.5 LoRA into SDXL.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        options = option_inputs()
+        method = options.pop("method")      # shown last, after the mode
+        return {"required": {**options, "mode": mode_input(), "method": method}}
+
+    @user_errors
+    def options(self, rank, threshold, policy, mode, method):
+        return (TransferOptions(rank=rank, threshold=threshold, policy=policy, mode=mode, method=method),)
+
+
 class LoadSD15LoRAIntoSDXL:
-    DESCRIPTION = ("Loads an SD1.5 LoRA into an SDXL model in one node, where a LoRA loader sits: transfers it "
-                   "with LoRA-X against the SD1.5 checkpoint it was trained on (read lazily from its file, never "
-                   "loaded as a model) and patches MODEL and CLIP through ComfyUI's own LoRA loading. The "
-                   "transfer is remembered: changing only a strength recomputes nothing but the patch.")
+    DESCRIPTION = ("Loads an SD1.5 LoRA into an SDXL model, where a LoRA loader sits: the LoRA is carried over to "
+                   "SDXL with LoRA-X, without training, using the SD1.5 checkpoint it was trained on (read from its "
+                   "file, never loaded as a model), then patched in like any LoRA. The node then shows a verdict "
+                   "(GOOD / WEAK / NONE) saying how much of the LoRA arrived and what that rests on. The transfer "
+                   "is remembered: changing only a strength recomputes nothing but the patch. Settings: connect a "
+                   f"LoRA-X Options node (defaults otherwise); what the verdict means: {DOCS}.")
     CATEGORY = CATEGORY
     FUNCTION = "load"
     RETURN_TYPES = ("MODEL", "CLIP", "STRING")
     RETURN_NAMES = ("model", "clip", "report")
     OUTPUT_TOOLTIPS = ("The SDXL model with the transferred LoRA patched in.",
                        "The SDXL CLIP with the LoRA's text-encoder layers patched in (unchanged without CLIP).",
-                       "Per-layer report of the transfer, with the source files and their sha256.")
+                       "What was transferred: a short summary, then one row per layer (connect a Preview Any node "
+                       "to read it).")
 
     @classmethod
     def INPUT_TYPES(cls):
-        options = option_inputs()
-        method = options.pop("method")      # shown last, after the mode
         return {
             "required": {
                 "model": ("MODEL", {"tooltip": "The SDXL model (from Load Checkpoint)."}),
                 "lora_name": (folder_paths.get_filename_list("loras"),
-                              {"tooltip": "The SD1.5 LoRA, from the models/loras folder."}),
+                              {"tooltip": "Your SD1.5 LoRA, from the models/loras folder. An SDXL LoRA needs no "
+                                          "transfer: load it with Load LoRA."}),
                 "source_checkpoint": (folder_paths.get_filename_list("checkpoints"),
-                                      {"tooltip": "The SD1.5 checkpoint the LoRA was trained on (e.g. "
-                                                  "v1-5-pruned-emaonly); only the layers the LoRA touches are "
-                                                  "read from its file."}),
+                                      {"tooltip": "The SD1.5 checkpoint the LoRA was trained on, usually "
+                                                  "v1-5-pruned-emaonly (.safetensors or .ckpt). The transfer "
+                                                  "compares its layers with SDXL's; only the layers the LoRA "
+                                                  "touches are read."}),
                 "strength_model": ("FLOAT", {"default": 1.0, "min": -100.0, "max": 100.0, "step": 0.01,
-                                             "tooltip": "How strongly to modify the diffusion model."}),
+                                             "tooltip": "How strongly the LoRA changes the image model, as in "
+                                                        "Load LoRA (0 and 0: model and CLIP pass through "
+                                                        "unchanged)."}),
                 "strength_clip": ("FLOAT", {"default": 1.0, "min": -100.0, "max": 100.0, "step": 0.01,
-                                            "tooltip": "How strongly to modify the text encoder."}),
-                **options,
-                "mode": mode_input(),
-                "method": method,
+                                            "tooltip": "How strongly the LoRA changes how prompts are read (the "
+                                                       "text encoder), as in Load LoRA."}),
             },
             "optional": {
                 "clip": ("CLIP", {"tooltip": "The SDXL CLIP, for the LoRA's text-encoder layers; without it "
                                              "they are reported as not applied."}),
+                "options": (OPTIONS_TYPE, {"tooltip": "Transfer settings from a LoRA-X Options node; without it "
+                                                      "the defaults are used."}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
@@ -451,19 +501,22 @@ class LoadSD15LoRAIntoSDXL:
             return float("nan")
 
     @user_errors
-    def load(self, model, lora_name, source_checkpoint, strength_model, strength_clip, rank, threshold, policy,
-             mode, method, clip=None, unique_id=None):
+    def load(self, model, lora_name, source_checkpoint, strength_model, strength_clip, clip=None, options=None,
+             unique_id=None):
+        if strength_model == 0 and strength_clip == 0:
+            # as core's LoRA loader: nothing would be patched, so nothing is transferred
+            line = "strengths 0 and 0: model and CLIP pass through unchanged, nothing transferred"
+            return {"ui": {"lorax": [{"verdict": "off", "lines": [f"OFF: {line}"]}]}, "result": (model, clip, line)}
         _check_sdxl(model, "Load SD1.5 LoRA into SDXL")
         lora_path = listed_file("loras", lora_name, "lora_name")
         checkpoint_path = listed_file("checkpoints", source_checkpoint, "source_checkpoint")
-        options = TransferOptions(rank=rank, method=method, threshold=threshold, policy=policy, mode=mode,
-                                  device=engine_device())
+        options = replace(options or TransferOptions(), device=engine_device())
         target = PatcherWeights(model, clip)
         key = (file_stamp(lora_path), file_stamp(checkpoint_path), options, clip is not None)
         hit = projected_memo.get(key, target)
         if hit is None:
-            result, report = self._transfer(lora_path, checkpoint_path, source_checkpoint, target, options,
-                                            unique_id)
+            result, report = self._transfer(lora_path, lora_name, checkpoint_path, source_checkpoint, target,
+                                            options, unique_id)
             projected_memo.put(key, target, result, report)
         else:
             result, report = hit
@@ -478,20 +531,24 @@ class LoadSD15LoRAIntoSDXL:
         return {"ui": {"lorax": [summary]}, "result": (new_model, new_clip, _report_text(report))}
 
     @staticmethod
-    def _transfer(lora_path, checkpoint_path, checkpoint_name, target, options, unique_id):
+    def _transfer(lora_path, lora_name, checkpoint_path, checkpoint_name, target, options, unique_id):
         cache = subspace_cache()
-        lora = read_lora(lora_path).to(engine_device())
-        hash_ahead(lora_path, checkpoint_path, memo_dir=cache.fingerprint_dir)
+        lora = read_lora(lora_path)
         with CheckpointWeights(checkpoint_path, fingerprint_dir=cache.fingerprint_dir, name=checkpoint_name) as source:
-            result, report = transfer(lora, source, target, options, cache=cache, progress=ComfyProgress(unique_id),
-                                      should_stop=stop_if_cancelled)
+            # names and shapes only: a wrong file is refused before anything is hashed or computed
+            check_transfer_inputs(lora, source, target, lora_name=lora_name, source_family="sd1",
+                                  target_family="sdxl")
+            hash_ahead(lora_path, checkpoint_path, memo_dir=cache.fingerprint_dir)
+            with engine_run() as should_stop:
+                # the LoRA's copy on the compute device lives only as long as the transfer: its VRAM goes back with
+                # the transfer's temporaries
+                result, report = transfer(lora.to(engine_device()), source, target, options, cache=cache,
+                                          progress=ComfyProgress(unique_id), should_stop=should_stop)
         # remembered across runs and patched from the CPU (as ComfyUI keeps LoRA patches): no VRAM held after this
         result = result.to("cpu")
         provenance = source_provenance(lora_path=lora_path, source_model=checkpoint_path,
                                        memo_dir=cache.fingerprint_dir)
         attach(result, report, {**provenance, "lorax.source_format": lora.source_format})
-        del lora    # its VRAM goes back with the transfer's temporaries
-        after_transfer()
         return result, report
 
 

@@ -4,7 +4,9 @@ with the words its one-line error must contain.
 * ``LORA_CASES``: source-LoRA files (the command line's ``--lora``, Load Source LoRA's ``lora_path``).
   ``stage="read"`` cases fail when the file is read; ``stage="transfer"`` ones are valid LoRAs that do not
   fit the source model (:data:`SOURCE_MODEL`, the zoo's tiny SD1.5).
-* ``MODEL_CASES``: base-model checkpoints (``--source-model`` / ``--target-model``).
+* ``MODEL_CASES``: base-model checkpoints (``--source-model`` / ``--target-model``, the one-node loader's
+  ``source_checkpoint``).
+* :func:`old_sd15_checkpoint` writes a good checkpoint the way old SD1.5 ``.ckpt`` files were written.
 * :func:`good_lora` writes a small valid SD1.5 LoRA whose layers exist in the tiny SD1.5 model.
 
 ``make(folder)`` writes the case under ``folder`` and returns its path. A pickle case whose unpickling would
@@ -222,10 +224,13 @@ LORA_CASES: dict[str, BadInput] = {
     "key_lone_surrogate.safetensors": BadInput(
         lambda p: raw_safetensors(p, b'{"lora_unet_\\udcff.lora_up.weight": {"dtype": "F32", "shape": [1], '
                                      b'"data_offsets": [0, 4]}}', b"\0" * 4), "lone surrogate"),
+    # an SDXL LoRA that fits the SD1.5 source in part (SDXL's CLIP-L is SD1.5's): refused by its architecture
     "sdxl_lora.safetensors": BadInput(
         lambda p: _sd(p, lf.lora_state_dict(lf.random_factors("sdxl", rank=4, targets=[
-            "diffusion_model.input_blocks.7.1.transformer_blocks.9.attn2.to_k.weight"]), "sdxl", "kohya")),
-        "does not fit the source model", stage="transfer"),
+            "diffusion_model.input_blocks.7.1.transformer_blocks.9.attn2.to_k.weight",
+            "clip_l.transformer.text_model.encoder.layers.2.self_attn.q_proj.weight",
+            "clip_l.transformer.text_model.encoder.layers.2.mlp.fc1.weight"]), "sdxl", "kohya")),
+        "this is already an SDXL LoRA: use Load LoRA", stage="transfer"),
     "full_size_sd15_lora_on_tiny_model.safetensors": BadInput(
         lambda p: _sd(p, lf.lora_state_dict(lf.random_factors("sd1", rank=4, targets=[
             "diffusion_model.middle_block.1.transformer_blocks.0.attn2.to_v.weight"]), "sd1", "kohya")),
@@ -253,6 +258,39 @@ def _checkpoint_with_code(marker):
             "evil": _RunsCode(marker)}
 
 
+class _ModelCheckpoint:
+    """Stands in for pytorch_lightning's ModelCheckpoint callback, whose state old SD checkpoints carry."""
+
+
+def old_sd15_checkpoint(path, state_dict: dict[str, torch.Tensor]) -> Path:
+    """``state_dict`` written the way old SD1.5 checkpoints (v1-5-pruned-emaonly.ckpt, sd-v1-4.ckpt) were: a torch
+    zip pickle holding ``state_dict`` beside the training state (``global_step`` as a numpy scalar, ``epoch``, the
+    Lightning ``callbacks``): plain data that torch's weights-only unpickler can read with ComfyUI's allowances."""
+    import sys
+    import types
+
+    import numpy as np
+
+    names = ("pytorch_lightning", "pytorch_lightning.callbacks", "pytorch_lightning.callbacks.model_checkpoint")
+    saved = {name: sys.modules.get(name) for name in names}
+    for name in names:      # pickle names the class by module; the real package is not installed here
+        sys.modules[name] = types.ModuleType(name)
+    _ModelCheckpoint.__module__, _ModelCheckpoint.__qualname__ = names[-1], "ModelCheckpoint"
+    sys.modules[names[-1]].ModelCheckpoint = _ModelCheckpoint
+    callback = _ModelCheckpoint()
+    callback.__dict__.update(monitor="val/loss_simple_ema", best_model_score=0.1, dirpath="logs/checkpoints")
+    try:
+        torch.save({"state_dict": state_dict, "global_step": np.int64(840000), "epoch": 6,
+                    "callbacks": {_ModelCheckpoint: callback}}, str(path))
+    finally:
+        for name, module in saved.items():
+            if module is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = module
+    return Path(path)
+
+
 MODEL_CASES: dict[str, BadInput] = {
     "text_file.safetensors": LORA_CASES["text_file.safetensors"],
     "truncated_checkpoint.safetensors": BadInput(lambda p: _truncated(p, _small_checkpoint),
@@ -260,7 +298,13 @@ MODEL_CASES: dict[str, BadInput] = {
     "empty.safetensors": LORA_CASES["empty.safetensors"],
     "folder.safetensors": LORA_CASES["folder.safetensors"],
     "pickle_checkpoint_with_code.ckpt": BadInput(lambda p: _pickle(p, "torch_zip", _checkpoint_with_code),
-                                                 "is a PyTorch zip checkpoint (pickle), not safetensors"),
+                                                 "refused: this pickle file needs code execution to load"),
+    "pickle_checkpoint_with_code_legacy.pt": BadInput(lambda p: _pickle(p, "torch_legacy", _checkpoint_with_code),
+                                                      "refused: this pickle file needs code execution to load"),
+    "pickle_checkpoint_with_code.pth": BadInput(lambda p: _pickle(p, "plain", _checkpoint_with_code),
+                                                "refused: this pickle file needs code execution to load"),
+    "pickle_checkpoint_renamed.safetensors": BadInput(lambda p: _pickle(p, "torch_zip", _checkpoint_with_code),
+                                                      "is a PyTorch zip checkpoint (pickle), not safetensors"),
     "not_a_diffusion_model.safetensors": BadInput(_unrelated_model, "holds no UNet or text-encoder weights"),
     "a_lora_not_a_model.safetensors": BadInput(lambda p: good_lora(p), "holds no UNet or text-encoder weights"),
 }

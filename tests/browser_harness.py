@@ -69,4 +69,6 @@ def frame_nodes(page, prefix: str = "", scale: float = 1.0, max_size=(3600, 2000
         ds.offset = [left / scale - x0, top / scale - y0];
         window.app.canvas.setDirty(true, true);
     }""", [x0, y0, scale, CHROME_LEFT + PAD, CHROME_TOP + PAD])
+    # toasts (e.g. "Prefer the legacy design?" after the renderer switch) would cover nodes in the screenshot
+    page.evaluate("() => document.querySelectorAll('.p-toast-message').forEach(t => t.remove())")
     page.wait_for_timeout(300)  # one frame for the canvas and the DOM widgets to follow the new transform

@@ -30,6 +30,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 COMFY_DIR = REPO_ROOT / ".runtime" / "comfyui"
 PACK_DIR_NAME = "lora-x"          # the folder name a git clone of the pack gets in custom_nodes/
 PACK_MODULE_NAME = "lora_x_pack"  # in-process module name of the pack (load_pack)
+TEST_HOOKS_DIR = Path(__file__).resolve().parent / "comfy_plugins" / "lorax_test_hooks"
 
 
 def ensure_comfy_path(required: bool = True) -> None:
@@ -91,6 +92,15 @@ def load_pack():
     except BaseException:
         del sys.modules[PACK_MODULE_NAME]
         raise
+    return module
+
+
+def load_ui_summary():
+    """nodes/ui_summary.py on its own (it imports no ComfyUI; the pack's package does): the verdicts the nodes show,
+    for tests that compare a node's verdict with the engine's own report."""
+    spec = importlib.util.spec_from_file_location("lorax_ui_summary", REPO_ROOT / "nodes" / "ui_summary.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
     return module
 
 
@@ -192,8 +202,9 @@ class ComfyServer:
     """
 
     def __init__(self, base_dir, port: int | None = None, python: str = sys.executable,
-                 extra_args: tuple[str, ...] = ()):
+                 extra_args: tuple[str, ...] = (), test_hooks: bool = False):
         self.base_dir = Path(base_dir)
+        self.test_hooks = test_hooks        # tests/comfy_plugins/lorax_test_hooks: interrupts at a known step
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.python = python
@@ -205,9 +216,11 @@ class ComfyServer:
     def start(self, timeout: float = 180.0) -> ComfyServer:
         for sub in ("models/checkpoints", "models/loras", "custom_nodes", "input", "output", "temp", "user"):
             (self.base_dir / sub).mkdir(parents=True, exist_ok=True)
-        link = self.base_dir / "custom_nodes" / PACK_DIR_NAME
-        if not link.exists():
-            link.symlink_to(REPO_ROOT, target_is_directory=True)
+        links = {PACK_DIR_NAME: REPO_ROOT, **({TEST_HOOKS_DIR.name: TEST_HOOKS_DIR} if self.test_hooks else {})}
+        for name, target in links.items():
+            link = self.base_dir / "custom_nodes" / name
+            if not link.exists():
+                link.symlink_to(target, target_is_directory=True)
         cmd = [self.python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
                "--base-directory", str(self.base_dir), "--disable-auto-launch", "--dont-print-server",
                "--disable-api-nodes", "--database-url", "sqlite:///:memory:", *self.extra_args]
@@ -247,6 +260,12 @@ class ComfyServer:
 
     def __exit__(self, *exc):
         self.stop()
+
+    def interrupt_at(self, node: str, step: int) -> None:
+        """Interrupt the next prompt when ``node``'s progress reaches ``step`` (needs ``test_hooks=True``)."""
+        status, body = self.post_json("/lorax_test/interrupt_at", {"node": node, "step": step})
+        if status != 200:
+            raise RuntimeError(f"the test hooks did not answer (HTTP {status}): {body}")
 
     # -- files and logs
     def upload_model(self, kind: str, src_path, name: str | None = None, copy: bool = False) -> str:

@@ -5,6 +5,8 @@ See tests/comfy_harness.py for the machinery.
 """
 from __future__ import annotations
 
+import os
+
 import comfy_harness
 import pytest
 
@@ -36,8 +38,12 @@ def zoo():
 @pytest.fixture(scope="session")
 def comfy_server(tmp_path_factory):
     """A headless ComfyUI server (``.url``, ``.base_dir``, ``.run_prompt()``, ``.upload_model()``,
-    ``.log_text()``) in a temporary base dir, with this repo symlinked as ``custom_nodes/lora-x``."""
-    server = comfy_harness.ComfyServer(tmp_path_factory.mktemp("comfy_base"))
+    ``.log_text()``, ``.interrupt_at()``) in a temporary base dir, with this repo symlinked as
+    ``custom_nodes/lora-x`` and the test hooks (tests/comfy_plugins) beside it. ``$LORAX_FRONTEND_ROOT`` serves
+    another frontend build (the ``static`` folder of a comfyui-frontend-package wheel) instead of the pinned one."""
+    frontend = os.environ.get("LORAX_FRONTEND_ROOT")
+    server = comfy_harness.ComfyServer(tmp_path_factory.mktemp("comfy_base"), test_hooks=True,
+                                       extra_args=("--front-end-root", frontend) if frontend else ())
     server.start()
     try:
         yield server

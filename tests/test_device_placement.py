@@ -214,7 +214,8 @@ def test_a_device_error_in_a_node_is_one_line_naming_the_node(comfy, pack, monke
         raise RuntimeError(message)
 
     monkeypatch.setattr(nodes, "project", crash)
-    smap = SimpleNamespace(options=TransferOptions())
+    monkeypatch.setattr(nodes, "check_transfer_inputs", lambda *args, **kwargs: None)   # the engine's own first step
+    smap = SimpleNamespace(options=TransferOptions(), source=None, target=None)
     with pytest.raises(Exception) as caught:
         nodes.ProjectLoRAX().project(LoraModel({}), smap, "auto", 0)
     text = str(caught.value)

@@ -5,7 +5,6 @@ import math
 
 import pytest
 import torch
-
 from float64_reference import soft_transfer
 
 from lorax_engine.analysis.subspaces import Basis, Spectrum

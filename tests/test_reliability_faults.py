@@ -246,7 +246,7 @@ def test_save_node_reports_a_full_disk(comfy, tmp_path, monkeypatch, reference):
         node.save(projected_lora=lora, filename_prefix="loras/full_disk", save_to="output")
     assert type(info.value).__name__ == "NodeError"
     folder = tmp_path / "loras"
-    assert str(info.value) == f"{folder / 'full_disk_00001_.safetensors'}: cannot be written (No space left on device)"
+    assert str(info.value) == "output/loras/full_disk_00001_.safetensors: cannot be written (No space left on device)"
     assert list(folder.iterdir()) == []
 
 
@@ -346,15 +346,42 @@ def test_batch_converts_every_good_file_and_lists_every_failure(models, warm_cac
     inputs = sorted(p for p in folder.iterdir() if p.is_file() and p.name in failing)
     lines = stdout.splitlines()
     [summary] = [i for i, line in enumerate(lines) if line.startswith("batch: ")]
+    skipped = sorted(name for name in failing if "SDXL LoRA" in failing[name].problem)    # nothing to convert
+    assert skipped == ["sdxl_lora.safetensors"]
     assert lines[summary].startswith(f"batch: {len(ODD_NAMES)} of {len(ODD_NAMES) + len(inputs)} converted, "
-                                     f"{len(inputs)} failed, ")
+                                     f"{len(skipped)} skipped, {len(inputs) - len(skipped)} failed, ")
     listed = lines[summary + 1:]
     assert len(listed) == len(inputs)
     for path in inputs:
-        [line] = [entry for entry in listed if entry.startswith(f"  {path.name}: ")]
+        label = "skipped" if path.name in skipped else "failed"
+        [line] = [entry for entry in listed if entry.startswith(f"  {label} {path.name}: ")]
         assert failing[path.name].problem in line, line
         assert not bad.code_marker(path).exists()
     assert temp_files(tmp_path) == []
+
+
+def test_batch_skips_sdxl_loras_with_the_reason_and_goes_on(models, warm_cache, tmp_path, capsys):
+    """A library holds SDXL LoRAs beside SD1.5 ones: each is skipped with one line saying it is already an SDXL
+    LoRA (it fits the SD1.5 source in part: SDXL's CLIP-L is SD1.5's), the rest are converted, and a batch with
+    nothing failed exits 0."""
+    folder, out = tmp_path / "in", tmp_path / "out"
+    folder.mkdir()
+    _lora(folder / "a_sd15.safetensors", seed=1)
+    xl = bad.make(bad.LORA_CASES, "sdxl_lora.safetensors", folder)
+    _lora(folder / "z_sd15.safetensors", seed=2)
+    code, stdout, err = _cli(capsys, ["batch", "--source-model", models[0], "--target-model", models[1],
+                                      "--lora-dir", folder, "--out-dir", out, "--rank", "8", "--threshold", "off",
+                                      "--cache-dir", warm_cache, "--quiet"])
+    assert code == 0, err
+    assert sorted(p.name for p in out.iterdir()) == ["a_sd15.safetensors", "z_sd15.safetensors"]
+    reason = (f"{xl}: this is already an SDXL LoRA: use Load LoRA (or any SDXL LoRA loader) instead; LoRA-X carries "
+              "SD1.5 LoRAs to SDXL")
+    lines = stdout.splitlines()
+    assert lines[0].startswith("ok     a_sd15.safetensors -> a_sd15.safetensors: ")
+    assert lines[1] == f"skipped sdxl_lora.safetensors: {reason}"
+    assert lines[2].startswith("ok     z_sd15.safetensors -> z_sd15.safetensors: ")
+    assert lines[3].startswith("batch: 2 of 3 converted, 1 skipped, 0 failed, ")
+    assert lines[4:] == [f"  skipped sdxl_lora.safetensors: {reason}"]
 
 
 # --- two processes, one cache ---------------------------------------------------------------------------

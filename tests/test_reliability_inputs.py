@@ -214,3 +214,47 @@ def test_factors_beyond_float16_are_balanced_or_refused(tmp_path):
     with pytest.raises(LoraFileError, match="tensors hold values too large for float16 .*lower the LoRA's strength"):
         write_lora(huge, target, architecture="sdxl")
     assert list(tmp_path.iterdir()) == [path]
+
+
+# --- the checkpoints people have -------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def old_ckpt(models, tmp_path_factory):
+    """The tiny SD1.5 written the way v1-5-pruned-emaonly.ckpt was: a torch zip pickle with a ``state_dict``."""
+    return bad.old_sd15_checkpoint(tmp_path_factory.mktemp("ckpt") / "v1-5-pruned-emaonly.ckpt",
+                                   load_file(models[0]))
+
+
+def test_old_sd15_ckpt_source_transfers_like_its_safetensors_twin(models, old_ckpt, cache_dir, tmp_path, capsys):
+    lora = bad.good_lora(tmp_path / "g.safetensors", seed=9)
+    outs = []
+    for source in (models[0], old_ckpt):
+        out = tmp_path / f"{os.path.basename(source)}.out.safetensors"
+        args = list(_transfer_args(models, lora, out, cache_dir, "--threshold", "off"))
+        args[args.index("--source-model") + 1] = str(source)
+        code, _, err = _cli(capsys, *args)
+        assert code == 0, err
+        outs.append(read_lora(out))
+    assert sorted(outs[0].layers) == sorted(outs[1].layers) and len(outs[0].layers) == len(bad.GOOD_KEYS)
+    for key in outs[0].layers:
+        torch.testing.assert_close(outs[1].layers[key].delta(), outs[0].layers[key].delta(), rtol=0, atol=0)
+    assert outs[1].metadata["lorax.source_model"] == "v1-5-pruned-emaonly.ckpt"
+
+
+def test_a_pickle_checkpoint_is_memory_mapped_not_read_whole(old_ckpt, models):
+    """Opening the .ckpt reads none of its tensors; one weight costs one weight's pages."""
+    import psutil
+
+    from lorax_engine.files.base_weights import CheckpointWeights
+
+    process = psutil.Process()
+    before = process.memory_info().rss
+    with CheckpointWeights(old_ckpt) as weights:
+        opened = process.memory_info().rss - before
+        key = bad.GOOD_KEYS[0]
+        with CheckpointWeights(models[0]) as twin:
+            torch.testing.assert_close(weights.matrix(key), twin.matrix(key), rtol=0, atol=0)
+            assert weights.architecture == twin.architecture == "sd1"
+            assert weights.keys() == twin.keys()
+    size = os.path.getsize(old_ckpt)
+    assert size > 200 * 2**20 and opened < 0.05 * size, (opened, size)

@@ -40,7 +40,8 @@ def test_exact_basis_matches_float64_svd(shape):
     w = spectral_matrix(m, n, _gen(m + n)).reshape(shape)
     r, d = 20, min(m, n)
     spectrum = compute_basis(w, SubspaceSpec(r, "exact"))
-    assert tuple(spectrum.u.shape) == (m, d) and tuple(spectrum.v.shape) == (n, d) and spectrum.method == f"exact(d={d})"
+    assert tuple(spectrum.u.shape) == (m, d) and tuple(spectrum.v.shape) == (n, d)
+    assert spectrum.method == f"exact(d={d})"
     torch.testing.assert_close(spectrum.s.double(), torch.linalg.svdvals(w.double().reshape(m, n)), rtol=1e-5,
                                atol=1e-6)
     for x in (spectrum.u, spectrum.v):                 # every direction, orthonormal

@@ -11,7 +11,6 @@ import torch
 
 from lorax_engine.analysis.similarity import layer_similarity
 from lorax_engine.analysis.subspaces import Basis, SubspaceSpec, compute_basis, fast_sketch_dtype
-from lorax_zoo import spectral_matrix
 from lorax_zoo.pairs import PAIR_KINDS, weight_pair
 
 R = 320

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from lorax_engine.analysis.matching import DEFAULT_THRESHOLD
 from lorax_engine.analysis.subspaces import SubspaceCache
-from lorax_engine.errors import IncompatibleLoraError, TransferOptionError
+from lorax_engine.errors import ArchitectureError, IncompatibleLoraError, TransferOptionError
 from lorax_engine.files.base_weights import CheckpointWeights, StateDictWeights
 from lorax_engine.files.lora import LoraLayer, LoraModel
 from lorax_engine.files.lora_formats import read_lora, write_lora
@@ -422,7 +422,8 @@ def test_lora_of_another_model_is_refused_with_a_clear_error(sd15, cache):
         "diffusion_model.input_blocks.7.1.transformer_blocks.9.attn2.to_k.weight"])
     lora = LoraModel({k: LoraLayer(f.up, f.down, 2.0, f.shape) for k, f in factors.items()}, "sdxl",
                      source_path="xl_style.safetensors")
-    with pytest.raises(IncompatibleLoraError, match="xl_style.safetensors.*does not fit the source model"):
+    with pytest.raises(ArchitectureError, match="^xl_style.safetensors is an SDXL LoRA, but the source model "
+                                                "sd15-v1.safetensors is SD1.5: pick the SDXL checkpoint"):
         transfer(lora, sd15, sd15, TransferOptions(), cache=cache)
 
 
@@ -453,7 +454,7 @@ def test_split_map_then_project_checks_the_lora_against_the_source(finetune_pair
     applied = next(r for r in report.layers if r.source_key == good)
     assert [c.energy_kept is not None for c in applied.candidates] == [c.applied for c in applied.candidates]
     with pytest.raises(IncompatibleLoraError, match="does not fit the source model"):
-        project(LoraModel({odd: wrong}, "sdxl"), smap)
+        project(LoraModel({odd: wrong}, "sd1"), smap)
 
 
 def test_several_source_layers_on_one_target_are_summed_on_concatenated_factors(finetune_pair, cache):

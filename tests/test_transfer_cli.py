@@ -140,9 +140,10 @@ def test_batch_carries_on_past_bad_files_and_reports_failures(sd15_path, cache_d
     assert code == 1
     assert sorted(p.name for p in out.iterdir()) == ["a.safetensors", "b.safetensors"]
     assert sorted(p.name for p in (tmp_path / "reports").iterdir()) == ["a.json", "b.json"]
-    assert "batch: 2 of 4 converted, 2 failed" in captured.out
-    assert "FAILED broken.safetensors:" in captured.out and "FAILED xl.safetensors:" in captured.out
-    assert "does not fit the source model" in captured.out
+    assert "batch: 2 of 4 converted, 1 skipped, 1 failed" in captured.out
+    assert "FAILED broken.safetensors:" in captured.out
+    assert (f"skipped xl.safetensors: {folder / 'xl.safetensors'} is an SDXL LoRA, but the source model "
+            f"{os.path.basename(sd15_path)} is SD1.5: pick the SDXL checkpoint it was trained on\n") in captured.out
     assert "[2/4] b.safetensors [" in captured.err and "100.0%" in captured.err      # progress on stderr
     assert load_file(str(out / "a.safetensors"))      # a real safetensors file
 

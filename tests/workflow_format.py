@@ -7,6 +7,9 @@ compare it with its committed twin; ``scripts/make_ui_workflows.py`` writes the 
 from __future__ import annotations
 
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+NODE_WIDTH = 420   # wide enough that no widget shows a cut label ("source_checkpoint" with a checkpoint name)
+LORAX_NODE_WIDTH = 560   # and the pack's verdict lines (nodes/ui_summary.py LINE_WIDTH) beside them
+COLUMN_GAP = 40
 SEED_NAMES = {"seed", "noise_seed"}
 
 
@@ -93,6 +96,10 @@ def api_to_ui(api: dict, object_info: dict) -> dict:
                 links.append([link_id, int(value[0]), value[1], int(nid), None, src_type])
                 link_ids[(nid, name)] = link_id
                 out_links[(value[0], value[1])].append(link_id)
+    widths = {nid: LORAX_NODE_WIDTH if api[nid]["class_type"].startswith("LoRAX_") else NODE_WIDTH for nid in api}
+    column_x = {0: 40}
+    for col in range(1, max(depth.values()) + 1):
+        column_x[col] = column_x[col - 1] + max(widths[n] for n in api if depth[n] == col - 1) + COLUMN_GAP
     for index, nid in enumerate(order):
         entry = api[nid]
         info = object_info[entry["class_type"]]
@@ -119,8 +126,8 @@ def api_to_ui(api: dict, object_info: dict) -> dict:
         col = depth[nid]
         row = column_rows.get(col, 0)
         column_rows[col] = row + 1
-        node = {"id": int(nid), "type": entry["class_type"], "pos": [40 + 380 * col, 40 + 260 * row],
-                "size": [340, 90 + 26 * (len(widgets) + len(inputs))], "flags": {}, "order": index, "mode": 0,
+        node = {"id": int(nid), "type": entry["class_type"], "pos": [column_x[col], 40 + 260 * row],
+                "size": [widths[nid], 90 + 26 * (len(widgets) + len(inputs))], "flags": {}, "order": index, "mode": 0,
                 "inputs": inputs, "outputs": outputs,
                 "properties": {"Node name for S&R": entry["class_type"]}, "widgets_values": widgets}
         if entry.get("_meta", {}).get("title"):

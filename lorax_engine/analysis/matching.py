@@ -45,7 +45,6 @@ chance score seen, yet keeps any layer with real shared structure.
 """
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass, field
 
@@ -448,8 +447,9 @@ def decide(layers: dict[str, LayerChoice], policy: str, threshold: float) -> Dec
             else:
                 went[ref.block] |= {parse_key(t).block for s in g for t in out.chosen[s]}
     ready = [(s,) for s in follower if went[layers[s].ref.block] is not None]
-    _apply_groups(ready, units_of, layers, lambda g: [tu for tu in units_of[g[0]] if tu in went[layers[g[0]].ref.block]],
-                  threshold, spread, out, NOT_BEST_UNIT if policy == "best" else DROP_WRAPPED_ELSEWHERE)
+    _apply_groups(ready, units_of, layers,
+                  lambda g: [tu for tu in units_of[g[0]] if tu in went[layers[g[0]].ref.block]], threshold, spread,
+                  out, NOT_BEST_UNIT if policy == "best" else DROP_WRAPPED_ELSEWHERE)
     return out
 
 

@@ -13,9 +13,10 @@ singular triplets. Two kinds of result, both float32 on the CPU:
   :class:`Basis` that §1's scores and the paper's Eq. 3 use; the whole spectrum is what §2c's soft operators
   need (projection/operators.py). It does not depend on r, so one entry serves every rank.
 * :class:`Basis` (method ``"randomized"``): a sketch of the top-r subspaces, to screen candidates cheaply: a
-  Gaussian sketch of ``l = r + oversample`` columns (seeded from the weight's content: :func:`_content_seed`), ``power_iters`` rounds of subspace iteration with
-  Cholesky-QR re-orthonormalisation (products with W in ``sketch_dtype``; :func:`fast_sketch_dtype` picks
-  bfloat16 where the hardware multiplies it natively), then Rayleigh-Ritz with float32 products and a float64
+  Gaussian sketch of ``l = r + oversample`` columns (seeded from the weight's content: :func:`_content_seed`),
+  ``power_iters`` rounds of subspace iteration with Cholesky-QR re-orthonormalisation (products with W in
+  ``sketch_dtype``; :func:`fast_sketch_dtype` picks bfloat16 where the hardware multiplies it natively), then
+  Rayleigh-Ritz with float32 products and a float64
   eigensolver. Always an estimate: on the slow spectra of trained weights the top-r subspace is not resolved by a
   few power iterations (it mixes the directions around index r), so scores from sketches shrink toward chance
   (similarity.py states the measured envelope every decision made on them allows for). Where a sketch would be

@@ -8,8 +8,9 @@
 
 Bases are cached in ``--cache-dir`` (default ``$LORAX_CACHE_DIR`` or ``~/.cache/lorax/subspaces``), so a
 second run against the same models is fast; ``batch`` computes them once for the whole folder. Progress
-goes to stderr. Errors print one line (see cli.py); ``batch`` carries on past a bad file and exits 1 if
-any failed.
+goes to stderr. Inputs of the wrong architecture are refused before any work (files/compatibility.py).
+Errors print one line (see cli.py); ``batch`` skips a LoRA of another architecture (an SDXL LoRA among SD1.5
+ones) with the reason, carries on past a bad file, and exits 1 if any failed.
 """
 from __future__ import annotations
 
@@ -24,8 +25,10 @@ import torch
 from ..analysis.matching import DEFAULT_POLICY, DEFAULT_THRESHOLD, POLICIES
 from ..analysis.subspaces import DEFAULT_RANK, SubspaceCache, default_cache_dir
 from ..atomic import write_text_atomic
-from ..errors import LoraXError, OutputPathError, TransferOptionError
+from ..cache_bound import DiskBound
+from ..errors import ArchitectureError, LoraXError, OutputPathError, TransferOptionError
 from ..files.base_weights import CheckpointWeights
+from ..files.compatibility import check_model_pair, check_transfer_inputs
 from ..files.lora_formats import read_lora
 from ..files.output_names import sanitize_stem, unique_output_path
 from ..files.provenance import attach, hash_ahead, source_provenance, write_lora_with_provenance
@@ -230,15 +233,16 @@ def run_transfer(args) -> int:
     cache = _cache(args)
     lora = read_lora(args.lora)
     source, target = _open_models(args, cache)
-    hash_ahead(args.lora, args.source_model, args.target_model, memo_dir=cache.fingerprint_dir)
     bar = ProgressBar("transfer", not args.quiet)
     try:
-        result, report = transfer(lora, source, target, options, cache=cache, progress=bar)
+        check_transfer_inputs(lora, source, target)     # before the files are hashed
+        hash_ahead(args.lora, args.source_model, args.target_model, memo_dir=cache.fingerprint_dir)
+        with DiskBound(cache) as bound:                 # also after an error or Ctrl-C
+            result, report = transfer(lora, source, target, options, cache=cache, progress=bar, should_stop=bound)
     finally:
         bar.close()
         source.close()
         target.close()
-    cache.trim_disk()
     _record_sources(result, report, args, args.lora, cache)
     _write_result(result, report, args.out)
     if args.report:
@@ -260,13 +264,17 @@ def run_similarity(args) -> int:
     source, target = _open_models(args, cache)
     bar = ProgressBar("similarity", not args.quiet)
     try:
-        smap = compute_similarity_map(source, target, options, source_keys=sorted(lora.layers) if lora else None,
-                                      cache=cache, progress=bar)
+        if lora is not None:
+            check_transfer_inputs(lora, source, target)
+        else:
+            check_model_pair(source, target)
+        with DiskBound(cache) as bound:
+            smap = compute_similarity_map(source, target, options, cache=cache, progress=bar, should_stop=bound,
+                                          source_keys=sorted(lora.layers) if lora else None)
     finally:
         bar.close()
         source.close()
         target.close()
-    cache.trim_disk()
     if args.report:
         import json
         _write_text(args.report, json.dumps(smap.to_dict(), indent=1))
@@ -296,14 +304,17 @@ def run_batch(args) -> int:
                 raise OutputPathError(f"{folder}: cannot be created ({err.strerror or err})") from None
     cache = _cache(args)
     source, target = _open_models(args, cache)
-    hash_ahead(args.source_model, args.target_model, memo_dir=cache.fingerprint_dir)
-    failures, written, start = [], set(), time.perf_counter()
+    failures, skipped, written, start = [], [], set(), time.perf_counter()
+    bound = DiskBound(cache)
     try:
+        check_model_pair(source, target)
+        hash_ahead(args.source_model, args.target_model, memo_dir=cache.fingerprint_dir)
         for i, path in enumerate(files, 1):
             bar = ProgressBar(f"[{i}/{len(files)}] {path.name[:40]}", not args.quiet)
             try:
                 lora = read_lora(path)
-                result, report = transfer(lora, source, target, options, cache=cache, progress=bar)
+                result, report = transfer(lora, source, target, options, cache=cache, progress=bar,
+                                          should_stop=bound)
                 bar.close()
                 _record_sources(result, report, args, path, cache)
                 out = args.out_dir / f"{sanitize_stem(path.stem)}.safetensors"
@@ -315,6 +326,10 @@ def run_batch(args) -> int:
                 if args.report_dir:
                     _write_text(args.report_dir / f"{out.stem}.json", report.to_json())
                 print(f"ok     {path.name} -> {out.name}: {_summary_line(report)}", flush=True)
+            except ArchitectureError as err:    # e.g. an SDXL LoRA among SD1.5 ones: nothing to convert
+                bar.close()
+                skipped.append((path.name, str(err)))
+                print(f"skipped {path.name}: {err}", flush=True)
             except LoraXError as err:
                 bar.close()
                 failures.append((path.name, str(err)))
@@ -326,9 +341,11 @@ def run_batch(args) -> int:
     finally:
         source.close()
         target.close()
-        cache.trim_disk()
-    print(f"batch: {len(files) - len(failures)} of {len(files)} converted, {len(failures)} failed, "
+        bound.trim()
+    converted = len(files) - len(failures) - len(skipped)
+    print(f"batch: {converted} of {len(files)} converted, {len(skipped)} skipped, {len(failures)} failed, "
           f"{time.perf_counter() - start:.1f} s")
-    for name, err in failures:
-        print(f"  {name}: {err}")
+    for label, entries in (("skipped", skipped), ("failed", failures)):
+        for name, err in entries:
+            print(f"  {label} {name}: {err}")
     return 1 if failures else 0

@@ -2,16 +2,17 @@
 
 A provider satisfies the small :class:`BaseModelWeights` protocol: ``keys()``, ``shape(key)``,
 ``matrix(key)`` (float32 ``[m, n]``, conv weights flattened), ``fingerprint(key)`` (content hash for
-caching), plus ``name`` and ``architecture``; ``first_row(key)`` is optional (read cheaply where it exists). Two providers live here:
+caching), plus ``name`` and ``architecture`` (and, where it was detected, ``architecture_evidence``: why);
+``first_row(key)`` is optional (read cheaply where it exists). Two providers live here:
 
 * :class:`StateDictWeights`: any mapping of canonical keys to tensors (a state dict, or a lazy mapping
   such as a wrapper around a ComfyUI ModelPatcher).
-* :class:`CheckpointWeights`: a single-file ``.safetensors`` checkpoint read lazily, one tensor at a
-  time. It understands the SD1.5 layout (``model.diffusion_model.*``, ``cond_stage_model.transformer.*``),
-  SDXL's (``conditioner.embedders.0.transformer.*`` for CLIP-L, ``conditioner.embedders.1.model.*``
-  OpenCLIP-G whose fused ``attn.in_proj_weight`` rows become q/k/v), ComfyUI's own canonical names, and
-  UNet-only files (ldm names with or without a prefix, or diffusers names). SSD-1B, Vega and fine-tunes
-  use the same layouts.
+* :class:`CheckpointWeights`: a single-file checkpoint read lazily, one tensor at a time: ``.safetensors``, or a
+  ``.ckpt`` / ``.pt`` pickle through torch's weights-only unpickler, memory-mapped. It understands the SD1.5
+  layout (``model.diffusion_model.*``, ``cond_stage_model.transformer.*``), SDXL's
+  (``conditioner.embedders.0.transformer.*`` for CLIP-L, ``conditioner.embedders.1.model.*`` OpenCLIP-G whose
+  fused ``attn.in_proj_weight`` rows become q/k/v), ComfyUI's own canonical names, and UNet-only files (ldm
+  names with or without a prefix, or diffusers names). SSD-1B, Vega and fine-tunes use the same layouts.
 
 Fingerprints are sha256 over the stored dtype, shape and bytes (sha256 runs at ~1.4-1.7 GB/s per core here with
 SHA-NI, blake2b at ~0.5-0.8 GB/s; no extra dependency needed), computed in parallel threads ahead of use
@@ -36,7 +37,7 @@ import torch
 from ..errors import LoraFileError
 from .architectures import detect_checkpoint_architecture
 from .file_memo import file_stamp, memo_path, read_memo, write_memo
-from .safetensors_file import SafetensorsFile
+from .safetensors_file import open_weights_file
 
 UNET = "diffusion_model."
 CLIP_L = "clip_l.transformer."
@@ -88,10 +89,6 @@ def as_matrix(t: torch.Tensor, device="cpu") -> torch.Tensor:
     return t.detach().to(device, torch.float32).reshape(t.shape[0], -1)
 
 
-def _architecture(keys, shape_fn) -> str:
-    return detect_checkpoint_architecture(keys, shape_fn).architecture
-
-
 class StateDictWeights:
     """Canonical-key tensors from any mapping (``architecture`` detected from keys and shapes if not given)."""
 
@@ -99,8 +96,10 @@ class StateDictWeights:
                  name: str = "state dict"):
         self._tensors = tensors
         self.name = name
-        self.architecture = architecture or _architecture(list(tensors.keys()),
-                                                          lambda k: tuple(tensors[k].shape))
+        if architecture is None:
+            detection = detect_checkpoint_architecture(list(tensors.keys()), lambda k: tuple(tensors[k].shape))
+            architecture, self.architecture_evidence = detection.architecture, detection.reason
+        self.architecture = architecture
         self._fingerprints: dict[str, tuple[int, int, str]] = {}
 
     def keys(self) -> list[str]:
@@ -207,13 +206,14 @@ class CheckpointWeights:
     def __init__(self, path, fingerprint_dir=None, rehash: bool = False, name: str | None = None):
         self.path = Path(path)
         self.name = name or self.path.name
-        self._file = SafetensorsFile(self.path)
+        self._file = open_weights_file(self.path)
         self._entries = _canonical_entries(self._file.keys(), self._file.shape)
         if not self._entries:
             self._file.close()
             raise LoraFileError(self.path, "holds no UNet or text-encoder weights of a known layout "
                                            "(expected SD1.5, SDXL or ComfyUI checkpoint names)")
-        self.architecture = _architecture(self._entries, self.shape)
+        detection = detect_checkpoint_architecture(self._entries, self.shape)
+        self.architecture, self.architecture_evidence = detection.architecture, detection.reason
         self._memo_path = None
         self._memo_stamp = None
         self._digests: dict[str, str] = {}

@@ -1,4 +1,4 @@
-"""Validated, lazy reading of ``.safetensors`` files and refusal-by-default reading of pickle files.
+"""Validated, lazy reading of ``.safetensors`` files, and weights-only reading of pickle files (``.ckpt``...).
 
 A safetensors file is ``<u64 little-endian header length N><N bytes of JSON header><tensor data>``.
 The header is checked completely before any tensor is trusted, so a truncated download, a renamed
@@ -10,8 +10,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import stat
 import threading
+import zipfile
 from pathlib import Path
 
 import torch
@@ -274,12 +276,112 @@ def _flatten_pickled(obj, prefix=""):
     return out
 
 
-def load_state_dict_file(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """All tensors and the metadata of a ``.safetensors`` or pickle weights file.
+class _LightningCheckpointCallback:
+    """Stands in for the training callback state old SD checkpoints carry (``callbacks``): plain data, never used.
+    The same harmless names ComfyUI's own loader allows (comfy/utils.py), so what ComfyUI reads, the pack reads."""
 
-    Pickles are only ever opened with ``torch.load(..., weights_only=True)``: a file that needs any
-    other Python object to load is refused, never executed.
-    """
+
+_LightningCheckpointCallback.__module__ = "pytorch_lightning.callbacks.model_checkpoint"
+_LightningCheckpointCallback.__name__ = _LightningCheckpointCallback.__qualname__ = "ModelCheckpoint"
+
+
+def _numpy_scalar(*args, **kwargs):
+    """A numpy scalar (``global_step`` in some checkpoints) rebuilt from its dtype and bytes: data, not code."""
+    import numpy._core.multiarray
+
+    return numpy._core.multiarray.scalar(*args, **kwargs)
+
+
+_numpy_scalar.__module__, _numpy_scalar.__name__ = "numpy.core.multiarray", "scalar"
+
+
+def _data_globals() -> list:
+    import _codecs
+
+    import numpy
+    import numpy._core.multiarray
+    import numpy.dtypes
+
+    # numpy 2 pickles scalars under numpy._core, older files under numpy.core; a scalar names its dtype's class
+    dtypes = [getattr(numpy.dtypes, f"{kind}DType") for kind in (
+        "Float64", "Float32", "Float16", "Int64", "Int32", "Int16", "Int8", "UInt64", "UInt32", "UInt16", "UInt8",
+        "Bool")]
+    return [_LightningCheckpointCallback, _numpy_scalar, numpy._core.multiarray.scalar, numpy.dtype, *dtypes,
+            _codecs.encode]
+
+
+# what torch's weights-only unpickler says when a file asks for more than plain data
+_UNPICKLER_REFUSAL = re.compile(r"Unsupported global: GLOBAL (\S+)|but got <class '([^']+)'>")
+
+
+def _refusal_reason(err: Exception) -> str:
+    text = str(err).strip()
+    found = _UNPICKLER_REFUSAL.search(text)
+    if found:
+        return f"it asks for {found.group(1) or found.group(2)}"
+    return text.splitlines()[0][:200] if text else type(err).__name__
+
+
+def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a pickle weights file, through torch's weights-only unpickler (plain data only: a file that
+    needs any other object is refused, never executed). Zip checkpoints (torch >= 1.6, the usual ``.ckpt``) are
+    memory-mapped: tensors are read from disk only when used."""
+    try:
+        with torch.serialization.safe_globals(_data_globals()):
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except Exception as err:  # any failure: never fall back to a full unpickler
+        raise LoraFileError(path, f"{PICKLE_REFUSAL} ({_refusal_reason(err)})") from None
+    tensors = _flatten_pickled(obj)
+    if not tensors:
+        raise LoraFileError(path, "holds no tensors")
+    return tensors
+
+
+class PickleWeightsFile:
+    """A ``.ckpt`` / ``.pt`` checkpoint with :class:`SafetensorsFile`'s reading interface (keys, shape, get,
+    get_rows, close), loaded by :func:`_load_pickle` (memory-mapped where torch allows)."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        check_regular_file(self.path)
+        self._tensors = _load_pickle(self.path)
+        self.metadata: dict[str, str] = {}
+
+    def __enter__(self) -> PickleWeightsFile:
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self):
+        self._tensors = {}      # the memory map goes with the last tensor of it
+
+    def keys(self) -> list[str]:
+        return list(self._tensors)
+
+    def __contains__(self, key) -> bool:
+        return key in self._tensors
+
+    def shape(self, key) -> tuple[int, ...]:
+        return tuple(self._tensors[key].shape)
+
+    def get(self, key, device="cpu") -> torch.Tensor:
+        return self._tensors[key].to(device)
+
+    def get_rows(self, key, start: int, stop: int, device="cpu") -> torch.Tensor:
+        return self._tensors[key][start:stop].to(device)
+
+
+def open_weights_file(path) -> SafetensorsFile | PickleWeightsFile:
+    """A weights file opened for reading tensor by tensor: a pickle by its extension (weights-only), else
+    safetensors (which also names a pickle given another extension)."""
+    if Path(path).suffix.lower() in PICKLE_SUFFIXES:
+        return PickleWeightsFile(path)
+    return SafetensorsFile(path)
+
+
+def load_state_dict_file(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """All tensors and the metadata of a ``.safetensors`` or pickle weights file (pickles: :func:`_load_pickle`)."""
     path = Path(path)
     check_regular_file(path)
     suffix = path.suffix.lower()
@@ -287,14 +389,6 @@ def load_state_dict_file(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]
         with SafetensorsFile(path) as f:
             return {k: f.get(k) for k in f.keys()}, dict(f.metadata)
     if suffix in PICKLE_SUFFIXES:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except Exception as err:  # any failure: never fall back to a full unpickler
-            reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
-            raise LoraFileError(path, f"{PICKLE_REFUSAL} (loader said: {reason})") from None
-        tensors = _flatten_pickled(obj)
-        if not tensors:
-            raise LoraFileError(path, "holds no tensors")
-        return tensors, {}
+        return _load_pickle(path), {}
     raise LoraFileError(path, f"unknown file type {suffix or '(no extension)'!r}: expected .safetensors "
                               f"(or a pickle: {', '.join(PICKLE_SUFFIXES)})")

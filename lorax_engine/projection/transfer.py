@@ -11,8 +11,9 @@ Two steps, callable separately (the ComfyUI nodes do) or together (:func:`transf
    evidence (METHOD §2b): an estimate only rules a pair out, by its upper bound; whatever may pass the threshold or
    lead a block is scored exactly (whole spectra, subspaces.py; its spectra are needed to project it anyway), and
    the decision made again, until every decision stands on evidence that settles it. Candidates whose upper bound
-   is below the threshold, or below the leading block's exact score, never get an exact score. Applied pairs are then projected
-   on the factors (operators.py) with the spectra of both weights, several updates of one target weight combined.
+   is below the threshold, or below the leading block's exact score, never get an exact score. Applied pairs are
+   then projected on the factors (operators.py) with the spectra of both weights, several updates of one target
+   weight combined.
 
 ``method="fast"`` (default) screens with sketches (bfloat16 products where the hardware has them), and scores
 exactly and projects with "gram" spectra (float64 Gram eigendecomposition). ``method="exact"`` has no estimates:
@@ -71,8 +72,9 @@ from ..analysis.subspaces import (
     fast_sketch_dtype,
     matrix_shape,
 )
-from ..errors import IncompatibleLoraError, LoraXError, TransferOptionError
+from ..errors import LoraXError, TransferOptionError
 from ..files.base_weights import prefetch_fingerprints, tensor_fingerprint
+from ..files.compatibility import check_transfer_inputs, layer_fits
 from ..files.lora import LoraLayer, LoraModel
 from ..reports.report import IDENTITY_OPERATOR, CandidateRecord, LayerRecord, Report, TargetRecord
 from .operators import (
@@ -85,9 +87,9 @@ from .operators import (
     passes_through,
     project_soft,
     project_subspace,
-    soft_weights,
     projected_energy,
     relative_change,
+    soft_weights,
 )
 
 TRANSFER_METHODS = ("fast", "exact")
@@ -275,7 +277,7 @@ def _plan_entries(smap: SubspaceMap, keys, lora: LoraModel | None):
     for key in keys:
         fits = key in smap.source
         if fits and lora is not None:
-            fits = _fits(lora.layers[key], smap.source.shape(key))
+            fits = layer_fits(lora.layers[key], smap.source.shape(key))
         if not fits:
             ref = parse_key(key) or LayerRef(key, "other", "other", (99,), None, key)
             smap.entries[key] = MapEntry(Candidates(ref, tuple(lora.layers[key].weight_shape) if lora else (),
@@ -412,19 +414,6 @@ def _score_pairs(smap: SubspaceMap, pairs, spec: SubspaceSpec, steps: _Steps, lo
             flush()
 
 
-def _fits(layer: LoraLayer, source_shape) -> bool:
-    return bool(source_shape) and matrix_shape(source_shape) == (layer.up.shape[0], math.prod(layer.down.shape[1:]))
-
-
-def _check_fits(lora: LoraModel, source, reasons: list):
-    if reasons and all(r == DROP_NOT_IN_SOURCE for r in reasons):
-        where = f" ({lora.source_path})" if lora.source_path else ""
-        raise IncompatibleLoraError(
-            f"LoRA{where} does not fit the source model {source.name}: none of its {len(reasons)} layers exists "
-            f"there with the same shape (LoRA architecture {lora.architecture!r}, source model "
-            f"{source.architecture!r}); the source model must be the one the LoRA was trained on")
-
-
 def _gather(smap: SubspaceMap, keys, lora, steps: _Steps, complete: bool):
     """Plan ``keys`` not in the map yet and learn what is cheap to know of their pairs (module docstring, step 1)."""
     new = [k for k in keys if k not in smap.entries]
@@ -449,7 +438,10 @@ def compute_similarity_map(source, target, options: TransferOptions | None = Non
     """What is known of every candidate pair for the LoRA's layers (``lora``), the given ``source_keys``, or every
     source layer of a known role: with ``complete``, every pair screened (the similarity plot shows them all);
     without, only what is cheap (:func:`project` refines what its decisions need). With ``lora``, the energy each
-    screened candidate's subspaces hold is recorded too."""
+    screened candidate's subspaces hold is recorded too. A LoRA, source or target the transfer does not expect is
+    refused first (files/compatibility.py)."""
+    if lora is not None:
+        check_transfer_inputs(lora, source, target)
     options = options or TransferOptions()
     t0 = time.perf_counter()
     cache = cache if cache is not None else SubspaceCache()
@@ -460,8 +452,6 @@ def compute_similarity_map(source, target, options: TransferOptions | None = Non
     else:
         keys = list(source_keys) if source_keys is not None else default_source_keys(source)
     _plan_entries(smap, keys, lora)
-    if lora is not None:
-        _check_fits(lora, source, [smap.entries[k].candidates.reason for k in keys])
     _gather(smap, keys, lora, _steps or _Steps(progress, should_stop), complete)
     smap.seconds = time.perf_counter() - t0
     smap.cache_stats = _stats_delta(before, cache.stats)
@@ -523,6 +513,7 @@ def project(lora: LoraModel, subspace_map: SubspaceMap, options: TransferOptions
     score on the spectra it is projected with: the one reported.
     """
     smap = subspace_map
+    check_transfer_inputs(lora, smap.source, smap.target)
     opts = smap.options if options is None else replace(
         options, rank=smap.options.rank, method=smap.options.method, device=smap.options.device,
         oversample=smap.options.oversample, power_iters=smap.options.power_iters, seed=smap.options.seed)
@@ -539,7 +530,7 @@ def project(lora: LoraModel, subspace_map: SubspaceMap, options: TransferOptions
 
     keys = sorted(lora.layers, key=lambda k: (smap.entries[k].candidates.source.order, k))
     live = [k for k in keys if not smap.entries[k].candidates.reason
-            and _fits(lora.layers[k], smap.entries[k].candidates.source_shape)]
+            and layer_fits(lora.layers[k], smap.entries[k].candidates.source_shape)]
     if opts.mode == "direct":
         chosen = {k: {smap.entries[k].candidates.targets[0][0]: 1.0} for k in live}
         reasons: dict[str, dict[str, str]] = {k: {} for k in live}
@@ -576,7 +567,6 @@ def project(lora: LoraModel, subspace_map: SubspaceMap, options: TransferOptions
             rec.reason = (DROP_NOT_IN_UNIT if why and all(r == NOT_BEST_UNIT for r in why.values())
                           else next((r for r in why.values() if r != NOT_BEST_UNIT), DROP_BELOW_THRESHOLD))
 
-    _check_fits(lora, source, [r.reason for r in records.values()])
     out_layers, targets, misses = _project_assignments(smap, opts, lora, assignments, cand_records, steps)
     for rec in records.values():
         applied = [c for c in rec.candidates if c.applied]

@@ -170,41 +170,64 @@ class Report:
         return {**meta, **self.provenance}
 
     # -- table ------------------------------------------------------------------------------------
-    def format_table(self, candidates: bool = False) -> str:
-        """A readable table: one row per source layer (``candidates=True``: and one per target considered)."""
-        head = f"{'source layer':58} {'stage':11} {'target (best)':58} {'phiU':>6} {'phiV':>6} " \
-               f"{'score':>7} {'energy':>6}  result"
-        lines = [f"LoRA-X {self.mode}: {self.source_model} ({self.source_architecture}) -> "
-                 f"{self.target_model} ({self.target_architecture})", head, "-" * len(head)]
-        for layer in self.layers:
-            best = layer.best
-            lines.append(self._row(_short(layer.source_key), layer.stage, best,
-                                   _applied_status(layer) if layer.applied else f"dropped: {layer.reason}",
-                                   layer.energy_kept if layer.applied else None))
-            if candidates:
-                for c in layer.candidates:
-                    status = f"applied x{c.strength:.3g} {_operator(c)}" if c.applied else (c.reason or "")
-                    lines.append(self._row("", "", c, status, c.energy_kept, indent=True))
+    def format_table(self) -> str:
+        """The report as text: a short summary first (what was applied, what was dropped and why, how much of the
+        LoRA survived, what moved), then one row per source layer under plain column names."""
         s = self.summary()
-        lines.append("-" * len(head))
         reasons = ", ".join(f"{n} {r}" for r, n in s["dropped_by_reason"].items()) or "none"
-        lines.append(f"{s['applied']} of {s['source_layers']} source layers applied to {s['target_layers_written']} "
-                     f"target layers; dropped: {reasons}; energy kept {100 * s['energy_kept']:.1f}%, injected "
-                     f"{100 * s['injected_energy']:.1f}%; {s['seconds']:.1f} s")
+        lines = [f"LoRA-X {self.mode}: {self.source_model} ({self.source_architecture}) -> {self.target_model} "
+                 f"({self.target_architecture})",
+                 f"{s['applied']} of {s['source_layers']} source layers applied to {s['target_layers_written']} "
+                 f"target layers; dropped: {reasons}",
+                 f"energy kept {100 * s['energy_kept']:.1f}%, injected {100 * s['injected_energy']:.1f}%; "
+                 f"{s['seconds']:.1f} s"]
+        moved = s["moved"]
+        if s["max_change"] is not None:
+            lines.append(f"what moved, against a direct copy: {moved['whole']} updates arrived whole, "
+                         f"{moved['little']} changed by at most {100 * CHANGED_LITTLE:.0f}%, {moved['more']} more "
+                         f"(largest change {100 * s['max_change']:.0f}%)")
         lines.extend(self.notes)
+        lines += ["", _TABLE_LEGEND, _TABLE_HEAD, "-" * len(_TABLE_HEAD)]
+        for layer in self.layers:
+            lines.append(self._row(layer))
         return "\n".join(lines)
 
     @staticmethod
-    def _row(source, stage, cand, status, energy, indent=False):
-        target = ("  " if indent else "") + (_short(cand.target_key) if cand else "-")
-        sim = cand.similarity if cand else None
-        f = (lambda x: f"{x:6.3f}") if sim else (lambda x: f"{'-':>6}")
-        est = "~" if sim and sim.get("estimate") else ""
-        phi_u = f(sim["phi_u"]) if sim else f(0)
-        phi_v = f(sim["phi_v"]) if sim else f(0)
-        score = f"{est}{sim['score']:.3f}".rjust(7) if sim else f"{'-':>7}"
-        en = f"{energy:6.3f}" if energy is not None else f"{'-':>6}"
-        return f"{source:58} {stage:11} {target:58} {phi_u} {phi_v} {score} {en}  {status}"
+    def _row(layer: LayerRecord) -> str:
+        best = layer.best
+        if layer.targets_received > 1:
+            sent_to = f"{layer.targets_received} targets"
+        else:
+            sent_to = _sent_to(layer.source_key, best.target_key) if layer.applied else "-"
+        sim = best.similarity if best else None
+        if sim is None:
+            score = "-"
+        elif sim.get("unscored"):
+            score = "unscored"
+        else:
+            score = f"{'~' if sim.get('estimate') else ''}{sim['score']:.2f}"
+        kept = f"{100 * layer.energy_kept:.0f}%" if layer.applied else "-"
+        change = best.change if layer.applied else None
+        changed = f"{100 * change:.1f}%" if change is not None else "-"
+        result = _applied_status(layer) if layer.applied else f"dropped: {layer.reason}"
+        return f"{_short(layer.source_key, 40):40} {sent_to:24} {score:>10} {kept:>6} {changed:>8}  {result}"
+
+
+_TABLE_LEGEND = ("similarity: 0 = no more alike than chance, 1 = the same subspace (~: a screening estimate; "
+                 "unscored: too narrow to tell); kept: share of the layer's energy that survived; changed: how far "
+                 "the update moved from a direct copy")
+_TABLE_HEAD = f"{'layer':40} {'sent to':24} {'similarity':>10} {'kept':>6} {'changed':>8}  result"
+
+
+def _sent_to(source_key: str, target_key: str) -> str:
+    """Where a layer went, short: "same layer", or the target's block when the rest of the name is the source's."""
+    if target_key == source_key:
+        return "same layer"
+    src, tgt = source_key.split("."), target_key.split(".")
+    common = 0
+    while common < min(len(src), len(tgt)) - 1 and src[-1 - common] == tgt[-1 - common]:
+        common += 1
+    return _short(".".join(tgt[:len(tgt) - common]) if common else target_key, 24)
 
 
 def _operator(c: CandidateRecord) -> str:
@@ -219,11 +242,11 @@ def _applied_status(layer: LayerRecord) -> str:
     return f"applied{where} {_operator(applied[0])}" if applied else "applied"
 
 
-def _short(key: str) -> str:
+def _short(key: str, width: int) -> str:
     for prefix in ("diffusion_model.", "clip_l.transformer.text_model.encoder.",
                    "clip_g.transformer.text_model.encoder."):
         if key.startswith(prefix):
             key = ("" if prefix == "diffusion_model." else prefix.split(".")[0] + ".") + key[len(prefix):]
             break
     key = key.removesuffix(".weight").replace("transformer_blocks.", "tb.")
-    return key if len(key) <= 58 else "…" + key[-57:]
+    return key if len(key) <= width else "…" + key[-(width - 1):]
