@@ -449,7 +449,7 @@ def decide(layers: dict[str, LayerChoice], policy: str, threshold: float) -> Dec
     ready = [(s,) for s in follower if went[layers[s].ref.block] is not None]
     _apply_groups(ready, units_of, layers,
                   lambda g: [tu for tu in units_of[g[0]] if tu in went[layers[g[0]].ref.block]], threshold, spread,
-                  out, NOT_BEST_UNIT if policy == "best" else DROP_WRAPPED_ELSEWHERE)
+                  out, DROP_WRAPPED_ELSEWHERE)
     return out
 
 

@@ -143,7 +143,8 @@ class Report:
         """Per source layer: block grouping, candidate scores and the verdict (for plot.py)."""
         rows = []
         for layer in self.layers:
-            scores = [c.similarity["score"] for c in layer.candidates if c.similarity is not None]
+            scores = [c.similarity["score"] for c in layer.candidates
+                      if c.similarity is not None and not c.similarity["unscored"]]
             rows.append({"key": layer.source_key, "side": layer.stage.split("@")[0], "block": layer.block,
                          "stage": layer.stage, "scores": scores, "best": max(scores) if scores else None,
                          "applied": layer.applied})
@@ -186,6 +187,11 @@ class Report:
             lines.append(f"what moved, against a direct copy: {moved['whole']} updates arrived whole, "
                          f"{moved['little']} changed by at most {100 * CHANGED_LITTLE:.0f}%, {moved['more']} more "
                          f"(largest change {100 * s['max_change']:.0f}%)")
+        if self.work:
+            w = self.work
+            lines.append(f"work: {w['candidate_pairs']} candidate pairs: {w['identical_by_value']} identical on their "
+                         f"values, {w['decided_on_estimate']} ruled out by a screening estimate's bound, "
+                         f"{w['scored_exactly']} scored exactly, {w['not_needed']} not needed")
         lines.extend(self.notes)
         lines += ["", _TABLE_LEGEND, _TABLE_HEAD, "-" * len(_TABLE_HEAD)]
         for layer in self.layers:
@@ -204,8 +210,10 @@ class Report:
             score = "-"
         elif sim.get("unscored"):
             score = "unscored"
+        elif sim.get("estimate"):
+            score = f"<={sim['score_upper_bound']:.2f}"
         else:
-            score = f"{'~' if sim.get('estimate') else ''}{sim['score']:.2f}"
+            score = f"{sim['score']:.2f}"
         kept = f"{100 * layer.energy_kept:.0f}%" if layer.applied else "-"
         change = best.change if layer.applied else None
         changed = f"{100 * change:.1f}%" if change is not None else "-"
@@ -213,8 +221,8 @@ class Report:
         return f"{_short(layer.source_key, 40):40} {sent_to:24} {score:>10} {kept:>6} {changed:>8}  {result}"
 
 
-_TABLE_LEGEND = ("similarity: 0 = no more alike than chance, 1 = the same subspace (~: a screening estimate; "
-                 "unscored: too narrow to tell); kept: share of the layer's energy that survived; changed: how far "
+_TABLE_LEGEND = ("similarity: 0 = no more alike than chance, 1 = the same subspace (<=: at most this, from a "
+                 "screening estimate; unscored: too narrow to tell); kept: share of the layer's energy that survived; changed: how far "
                  "the update moved from a direct copy")
 _TABLE_HEAD = f"{'layer':40} {'sent to':24} {'similarity':>10} {'kept':>6} {'changed':>8}  result"
 
