@@ -1,13 +1,13 @@
 """A plain reference implementation of the LoRA-X transfer, for the benchmark's naive/cold ratio.
 
 What a straightforward implementation of METHOD.md does: every weight it needs is decomposed with a full
-float32 ``torch.linalg.svd``, one layer at a time, with no cache, no randomised screening and no Gram-matrix
-tricks. It computes the default transfer (slot-aware scores, block-level "best", the similarity-weighted ``auto``
-operator, identical weights passed through) and shares only the layer matching rules
-(``lorax_engine.analysis.matching``) and the identity test with the engine, so the benchmark compares the subspace
-machinery, not the matching rules. Choices that favour the naive side (so the measured speed-up is a lower
-bound): each weight is decomposed once per run (a stage's bases are held until the stage is done), and
-similarity/projection are done on factors as in the engine.
+float32 ``torch.linalg.svd``, one layer at a time, with no cache, no screening, no value comparison first and no
+Gram-matrix tricks. It computes the default transfer (slot-aware scores of every candidate, the matching decisions,
+the soft side-wise ``auto`` operator of METHOD §2c, identical weights passed through) and shares only the layer
+matching rules (``lorax_engine.analysis.matching``) and the identity test with the engine, so the benchmark
+compares the subspace machinery, not the matching rules. Choices that favour the naive side (so the measured
+speed-up is a lower bound): each weight is decomposed once per run (a stage's bases are held until the stage is
+done), and similarity/projection are done on factors as in the engine.
 
 A full naive run on the full-size models takes hours on 2 CPU cores, so :func:`naive_transfer` can run a
 subset of stages, and :func:`plan_svds` + :func:`time_svds` extrapolate the whole run from a timed SVD per
@@ -22,16 +22,22 @@ from collections import Counter
 
 import torch
 
-from lorax_engine.analysis.matching import TargetIndex, parse_key, select_units, unit_of
+from lorax_engine.analysis.matching import DEFAULT_POLICY, Evidence, LayerChoice, TargetIndex, decide, parse_key
 from lorax_engine.analysis.similarity import identical_after_cast
+from lorax_engine.projection.operators import KNEE
 
 
-def top_subspaces(w: torch.Tensor, rank: int):
-    """(U_r or None, V_r or None) of ``w`` by a full float32 SVD; None = the side spans its whole space."""
-    u, _, vh = torch.linalg.svd(w.float(), full_matrices=False)
-    m, n = w.shape
-    r = min(rank, m, n)
-    return (None if r >= m else u[:, :r].contiguous()), (None if r >= n else vh[:r].T.contiguous())
+def svd(w: torch.Tensor):
+    """(U, s, V) of ``w`` by a full float32 SVD."""
+    u, s, vh = torch.linalg.svd(w.float(), full_matrices=False)
+    return u, s, vh.T
+
+
+def top(decomposition, rank: int):
+    """(U_r or None, V_r or None); None = the side spans its whole space."""
+    u, _, v = decomposition
+    r = min(rank, u.shape[1])
+    return (None if r >= u.shape[0] else u[:, :r].contiguous()), (None if r >= v.shape[0] else v[:, :r].contiguous())
 
 
 def _side_score(xs, xt, dim_s: int, dim_t: int) -> float:
@@ -56,12 +62,48 @@ def _side_score(xs, xt, dim_s: int, dim_t: int) -> float:
     return 1.0 if ceiling - chance <= 1e-12 else (phi - chance) / (ceiling - chance)
 
 
-def _sidewise(x, p_s, p_t, w):
-    """T x for T = P_t P_s + w (I - P_t)(I - P_s), projectors given by their bases (None = identity)."""
-    proj = lambda b, y: y if b is None else b @ (b.T @ y)  # noqa: E731
-    inside = proj(p_s, x)
-    rest = x - inside
-    return proj(p_t, inside) + w * (rest - proj(p_t, rest))
+def _soft(decomposition, rank: int):
+    """The soft subspaces of both sides (METHOD §2c): (U, sin theta, 1 - cos theta), (V, ...), knee in log sigma."""
+    u, s, v = decomposition
+    s = s.double()
+    if rank >= s.numel():
+        theta = torch.where(s > s[0] * 1e-12, math.pi / 2, 0.0)
+    else:
+        x = ((torch.log(s.clamp_min(s[0] * 1e-12) / s[rank - 1]) + math.log(KNEE)) / (2 * math.log(KNEE))).clamp(0, 1)
+        theta = math.pi / 2 * x * x * (3 - 2 * x)
+    sin, omc = torch.sin(theta).float().to(u.device), (1 - torch.cos(theta)).float().to(u.device)
+    return (u, sin, omc), (v, sin, omc)
+
+
+def _apply(side, y, part):
+    x, sin, omc = side
+    coef = x.T @ y
+    return x @ (sin[:, None] * coef) if part == "s" else y - x @ (omc[:, None] * coef)
+
+
+def _overlap(src, tgt) -> float:
+    xs, a, _ = src
+    xt, b, _ = tgt
+    xt = xt[:xs.shape[0]]
+    a, b = a.double() ** 2, b.double() ** 2
+    omega = float((a[:, None] * (xs.T @ xt).double() ** 2 * b[None, :]).sum())
+    gram = (xt.T @ xt).double()
+    trace_t, norm_t = float((b * gram.diagonal()).sum()), float((b[:, None] * gram ** 2 * b[None, :]).sum().sqrt())
+    top_, chance = float(a.norm()) * norm_t, float(a.sum()) * trace_t / xs.shape[0]
+    return 1.0 if top_ - chance <= 1e-12 * top_ else (omega - chance) / (top_ - chance)
+
+
+def _soft_transfer(up, down, src, tgt, rank, pad):
+    """(B', A') of the auto operator T = S_t S_s + w C_t C_s per side, w = 1 - (1 - clamp(phi^_soft))^2."""
+    (su, sv), (tu, tv) = _soft(src, rank), _soft(tgt, rank)
+    weight = lambda x: 1.0 - (1.0 - min(max(x, 0.0), 1.0)) ** 2  # noqa: E731
+    w_u, w_v = weight(_overlap(su, tu)), weight(_overlap(sv, tv))
+    new_up = _apply(tu, _apply(su, up, "s"), "s") + w_u * _apply(tu, _apply(su, up, "c"), "c")
+    at = down.T
+    n = at.shape[0] - pad
+    s_part = torch.cat([_apply(sv, at[:n], "s"), at[n:]])
+    c_part = torch.cat([_apply(sv, at[:n], "c"), at[n:]])
+    return new_up, (_apply(tv, s_part, "s") + w_v * _apply(tv, c_part, "c")).T
 
 
 def plan(lora, source, target):
@@ -107,7 +149,7 @@ def time_svds(counts: Counter, source, target, device: str = "cpu", repeats: int
         times = []
         for _ in range(repeats):
             t0 = time.perf_counter()
-            top_subspaces(provider.matrix(key).to(device), 1)
+            svd(provider.matrix(key).to(device))
             _sync(device)
             times.append(time.perf_counter() - t0)
         seconds[shape] = statistics.median(times)
@@ -121,7 +163,7 @@ def _sync(device):
 
 def naive_transfer(lora, source, target, rank: int = 320, threshold: float = -math.inf, device: str = "cpu",
                    stages=None):
-    """Transfer ``lora`` with block-level "best" and mode ``auto``. Returns ({target key: dense ΔW},
+    """Transfer ``lora`` with the default policy and mode ``auto``. Returns ({target key: dense ΔW},
     {(s, t): score}, seconds). ``stages``: the stage labels to run (default: all of them).
     """
     t_start = time.perf_counter()
@@ -131,44 +173,36 @@ def naive_transfer(lora, source, target, rank: int = 320, threshold: float = -ma
     for stage, items in planned.items():
         if stages is not None and stage not in stages:
             continue
-        src = {s: top_subspaces(source.matrix(s).to(device), rank) for s, _ in items}
-        tgt = {t: top_subspaces(target.matrix(t).to(device), rank) for t in sorted({t for _, ts in items for t in ts})}
-        sides: dict[tuple[str, str], tuple[float, float]] = {}
+        src = {s: svd(source.matrix(s).to(device)) for s, _ in items}
+        tgt = {t: svd(target.matrix(t).to(device)) for t in sorted({t for _, ts in items for t in ts})}
         identical: set[tuple[str, str]] = set()
-        units: dict[str, list] = {}
+        layers = {}
         for s, ts in items:
-            (ms, ns), us_vs = _matrix_shape(source.shape(s)), src[s]
+            (ms, ns), (us, vs) = _matrix_shape(source.shape(s)), top(src[s], rank)
+            evidence = {}
             for t in ts:
-                mt, nt = _matrix_shape(target.shape(t))
-                sides[(s, t)] = (_side_score(us_vs[0], tgt[t][0], ms, mt), _side_score(us_vs[1], tgt[t][1], ns, nt))
+                (mt, nt), (ut, vt) = _matrix_shape(target.shape(t)), top(tgt[t], rank)
+                sides = (_side_score(us, ut, ms, mt), _side_score(vs, vt, ns, nt))
                 # identical weights (after a cast): checked on the values where the score makes it plausible
-                if min(sides[(s, t)]) >= 0.5 and source.shape(s) == target.shape(t) and identical_after_cast(
+                if min(sides) >= 0.5 and source.shape(s) == target.shape(t) and identical_after_cast(
                         source.matrix(s), target.matrix(t)):
-                    sides[(s, t)] = (1.0, 1.0)
+                    sides = (1.0, 1.0)
                     identical.add((s, t))
-                scores[(s, t)] = min(sides[(s, t)])
-            units.setdefault(unit_of(parse_key(s)), []).append(
-                (lora.layers[s].energy(), {t: (scores[(s, t)], False) for t in ts}))
-        best = select_units(units)
-        for s, ts in items:
+                scores[(s, t)] = min(sides)
+                evidence[t] = Evidence(scores[(s, t)], True, (s, t) in identical)
+            layers[s] = LayerChoice(parse_key(s), lora.layers[s].energy(), evidence)
+        chosen = decide(layers, DEFAULT_POLICY, threshold).chosen
+        for s, targets in chosen.items():
             layer = lora.layers[s]
-            for t in ts:
-                if unit_of(parse_key(t)) != best[unit_of(parse_key(s))][0] or scores[(s, t)] < threshold:
-                    continue
-                (ut, vt), (us, vs) = tgt[t], src[s]
+            for t, strength in targets.items():
                 nt = _matrix_shape(target.shape(t))[1]
                 up = layer.up.float().reshape(layer.up.shape[0], -1).to(device)
                 down = layer.down.float().reshape(layer.down.shape[0], -1).to(device)
                 pad = nt - down.shape[1]
                 down = torch.cat([down, down.new_zeros(down.shape[0], pad)], dim=1)
                 if (s, t) not in identical:
-                    w_u, w_v = (min(max(x, 0.0), 1.0) for x in sides[(s, t)])
-                    if pad:      # the source's input subspace, embedded in the CLIP-L slot
-                        vs = torch.eye(down.shape[1] - pad, device=down.device) if vs is None else vs
-                        vs = torch.cat([vs, vs.new_zeros(pad, vs.shape[1])], dim=0)
-                    up = _sidewise(up, us, ut, w_u)
-                    down = _sidewise(down.T, vs, vt, w_v).T
-                delta = float(layer.alpha) / layer.rank * (up @ down)
+                    up, down = _soft_transfer(up, down, src[s], tgt[t], rank, pad)
+                delta = strength * float(layer.alpha) / layer.rank * (up @ down)
                 deltas[t] = deltas[t] + delta if t in deltas else delta
         del src, tgt
     _sync(device)

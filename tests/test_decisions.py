@@ -143,9 +143,10 @@ def test_proj_in_follows_the_transformer_block_it_wraps():
     v, proj = (torch.randn(256, 256, generator=g) * torch.linspace(2, 0.1, 256) for _ in range(2))
     proj_in = "diffusion_model.input_blocks.{}.1.proj_in.weight"
     source = StateDictWeights({TB.format(4, "attn1.to_v"): v, proj_in.format(4): proj}, "sd1", "s")
-    target = StateDictWeights({TB.format(4, "attn1.to_v"): _related(v, 0.1, 20), proj_in.format(4): _related(proj, 0.8, 21),
-                               TB.format(5, "attn1.to_v"): _related(v, 50.0, 22), proj_in.format(5): _related(proj, 0.05, 23)},
-                              "sd1", "t")
+    target = StateDictWeights({TB.format(4, "attn1.to_v"): _related(v, 0.1, 20),
+                               proj_in.format(4): _related(proj, 0.8, 21),
+                               TB.format(5, "attn1.to_v"): _related(v, 50.0, 22),
+                               proj_in.format(5): _related(proj, 0.05, 23)}, "sd1", "t")
     lora = _lora(source.keys(), seed=6)
     out, report = transfer(lora, source, target, TransferOptions(rank=32, method="exact"), cache=SubspaceCache())
     assert set(out.layers) == {TB.format(4, "attn1.to_v"), proj_in.format(4)}

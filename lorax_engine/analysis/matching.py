@@ -400,7 +400,7 @@ def decide(layers: dict[str, LayerChoice], policy: str, threshold: float) -> Dec
 
     q and k of one attention pass together or not at all (one test on both, in every policy); proj_in / proj_out
     follow the target blocks the transformer blocks they wrap went to (``best``: the block of the heaviest one),
-    when the LoRA has those.
+    when the LoRA has those; where those went nowhere, they are placed on their own.
     """
     check_policy(policy, threshold)
     out = Decisions()
@@ -409,8 +409,20 @@ def decide(layers: dict[str, LayerChoice], policy: str, threshold: float) -> Dec
     follower = sorted(s for s, c in layers.items() if c.ref.role in FOLLOWERS and c.ref.depth is None
                       and c.ref.block in wrapped)
     groups = [g for g in _groups(layers) if g[0] not in follower]
-    spread = policy == "spread"
-    went: dict[str, set[str] | None] = {block: set() for block in wrapped}   # None: not decided yet
+    went = _place(groups, layers, units_of, policy, threshold, out)
+    _place([(s,) for s in follower if went[layers[s].ref.block] == set()], layers, units_of, policy, threshold, out)
+    following = [(s,) for s in follower if went[layers[s].ref.block]]
+    _apply_groups(following, units_of, layers,
+                  lambda g: [tu for tu in units_of[g[0]] if tu in went[layers[g[0]].ref.block]], threshold,
+                  policy == "spread", out, DROP_WRAPPED_ELSEWHERE)
+    return out
+
+
+def _place(groups, layers, units_of, policy, threshold, out: Decisions) -> dict[str, set[str] | None]:
+    """Decide ``groups`` by ``policy`` into ``out``; returns, per source block with transformer-block layers among
+    them, the target blocks those went to (None while still open)."""
+    went: dict[str, set[str] | None] = {layers[g[0]].ref.block: set() for g in groups
+                                        if layers[g[0]].ref.depth is not None}
     if policy == "best":
         by_unit: dict[str, list[tuple[str, ...]]] = {}
         for g in groups:
@@ -430,27 +442,24 @@ def decide(layers: dict[str, LayerChoice], policy: str, threshold: float) -> Dec
             _apply_groups(unit_groups, units_of, layers, lambda g, t=target: [t], threshold, False, out,
                           NOT_BEST_UNIT)
             weight = sum(layers[s].weight for s in unit_layers)
-            if ref.depth is not None and weight >= heaviest.get(ref.block, (-1.0, ""))[0]:
+            if ref.depth is not None and any(out.chosen.get(s) for s in unit_layers) and \
+                    weight >= heaviest.get(ref.block, (-1.0, ""))[0]:
                 heaviest[ref.block] = (weight, parse_key(units_of[unit_layers[0]][target]).block)
         for block, (_, target_block) in heaviest.items():
             if went[block] is not None:
                 went[block] = {target_block}
-    else:
-        _apply_groups(groups, units_of, layers, lambda g: _common_units(g, units_of), threshold, spread, out,
-                      DROP_PARTNER)
-        for g in groups:
-            ref = layers[g[0]].ref
-            if ref.depth is None or went[ref.block] is None:
-                continue
-            if any(s not in out.chosen for s in g):
-                went[ref.block] = None
-            else:
-                went[ref.block] |= {parse_key(t).block for s in g for t in out.chosen[s]}
-    ready = [(s,) for s in follower if went[layers[s].ref.block] is not None]
-    _apply_groups(ready, units_of, layers,
-                  lambda g: [tu for tu in units_of[g[0]] if tu in went[layers[g[0]].ref.block]], threshold, spread,
-                  out, DROP_WRAPPED_ELSEWHERE)
-    return out
+        return went
+    _apply_groups(groups, units_of, layers, lambda g: _common_units(g, units_of), threshold, policy == "spread",
+                  out, DROP_PARTNER)
+    for g in groups:
+        ref = layers[g[0]].ref
+        if ref.depth is None or went[ref.block] is None:
+            continue
+        if any(s not in out.chosen for s in g):
+            went[ref.block] = None
+        else:
+            went[ref.block] |= {parse_key(t).block for s in g for t in out.chosen[s]}
+    return went
 
 
 def _common_units(group, units_of) -> list[str]:

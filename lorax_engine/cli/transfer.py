@@ -193,8 +193,13 @@ def _plot(path: Path, rows, threshold, title):
 def _summary_line(report) -> str:
     s = report.summary()
     reasons = ", ".join(f"{n} {r}" for r, n in s["dropped_by_reason"].items()) or "none dropped"
+    moved = s["moved"]
+    work = report.work
+    pairs = (f"; pairs: {work['identical_by_value']} identical by value, {work['decided_on_estimate']} ruled out by "
+             f"a bound, {work['scored_exactly']} scored exactly" if work else "")
     return (f"{s['applied']}/{s['source_layers']} layers applied -> {s['target_layers_written']} target layers "
-            f"({reasons}); energy kept {100 * s['energy_kept']:.1f}%; {s['seconds']:.1f} s")
+            f"({reasons}); energy kept {100 * s['energy_kept']:.1f}%; moved: {moved['whole']} whole, "
+            f"{moved['little']} <= 2%, {moved['more']} more{pairs}; {s['seconds']:.1f} s")
 
 
 def _check_output_paths(*paths):

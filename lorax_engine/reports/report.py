@@ -222,8 +222,8 @@ class Report:
 
 
 _TABLE_LEGEND = ("similarity: 0 = no more alike than chance, 1 = the same subspace (<=: at most this, from a "
-                 "screening estimate; unscored: too narrow to tell); kept: share of the layer's energy that survived; changed: how far "
-                 "the update moved from a direct copy")
+                 "screening estimate; unscored: too narrow to tell); kept: share of the layer's energy that "
+                 "survived; changed: how far the update moved from a direct copy")
 _TABLE_HEAD = f"{'layer':40} {'sent to':24} {'similarity':>10} {'kept':>6} {'changed':>8}  result"
 
 
