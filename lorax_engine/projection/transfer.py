@@ -322,7 +322,9 @@ def _first_row(weights, key: str) -> torch.Tensor:
 
 
 def _rows_may_match(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Necessary for :func:`identical_after_cast`: the rows agree in float16, bfloat16 or as they are."""
+    """Necessary for :func:`identical_after_cast`: the rows agree in float16, bfloat16 or as they are (compared on
+    the host: one row each, and the two models may sit on different devices)."""
+    a, b = a.cpu(), b.cpu()
     return torch.equal(a.half(), b.half()) or torch.equal(a.bfloat16(), b.bfloat16()) or torch.equal(a, b)
 
 
