@@ -32,20 +32,23 @@ fp32 CLIP-L vs SDXL's fp16 copy): both sides then score exactly 1 (METHOD §1's 
 
 Estimates (METHOD §2b). ``estimate`` marks scores computed from screening sketches (subspaces.py), not exact
 subspaces; such a score comes with ``hi``, the most the exact score can be, from a measured envelope, per side: a
-sketch's normalised score is at least the exact one shrunk toward 0 (chance) by ``SKETCH_SHRINK_MIN``, less
-``SKETCH_NOISE_SDS`` standard deviations of chance-level scores, ``sqrt(2) / d`` (measured: 0.0022 at d = 640,
-0.0011 at 1280; a sketch's score of an unrelated pair strayed from the exact one by 1.1 of them on average, 2.3
-at most). Shrinking is what an unconverged sketch does on a slow spectrum: its top-r subspace mixes directions
-around index r, and whatever relation two weights have is diluted (same-subspace pairs on i^-0.2 spectra scored
-0.35-0.5 instead of 1). Only the upper bound is used, to rule pairs out: a lower bound does not hold (where a
-pair's relation is built from swapped directions, as in lorax_zoo.pairs' partial overlaps, a sketch can score it
-above the exact value), so whatever may pass a threshold or lead a block is scored exactly. The bound is not a
-model fitted to a few cases: tests/test_screening.py checks it on every pair kind of lorax_zoo.pairs (identical,
-same subspaces, partial overlaps from anti-correlated to 0.9, fine-tunes at drifts 0.03 .. 1, unrelated), spectra
-i^-0.2 .. i^-1 at condition numbers 1e2 .. 1e4, 640 and 1280 square, 640 x 2560, 5120 x 640 and the k/v slot, with
-bfloat16 and float32 sketches (one power iteration, 96 extra columns). The smallest shrink factor a pair needed
-was 0.25 (1280 x 1280, i^-0.2, cond 1e4, a 0.9 partial overlap, exact 0.86), 0.30 among pairs whose exact score
-is at most 0.35, where the bound decides anything (the same spectrum, overlap 0.45, exact 0.26).
+sketch's normalised score is at least the exact one shrunk toward 0 (chance) by ``SKETCH_SHRINK_MIN``
+(``SKETCH_SHRINK_MIN_LOW`` where the exact score is at most ``LOW_SCORE``), less ``SKETCH_NOISE_SDS`` standard
+deviations of chance-level scores, ``sqrt(2) / d`` (measured: 0.0022 at d = 640, 0.0011 at 1280; a sketch's score of
+an unrelated pair strayed from the exact one by 1.1 of them on average, 2.3 at most). Shrinking is what an
+unconverged sketch does on a slow spectrum: its top-r subspace mixes directions around index r, and whatever
+relation two weights have is diluted (same-subspace pairs on i^-0.2 spectra scored 0.35-0.5 instead of 1). Only the
+upper bound is used, to rule pairs out: a lower bound does not hold (where a pair's relation is built from swapped
+directions, as in lorax_zoo.pairs' partial overlaps, a sketch can score it above the exact value), so whatever may
+pass a threshold or lead a block is scored exactly. The bound is not a model fitted to a few cases:
+tests/test_screening.py checks it on every pair kind of lorax_zoo.pairs (identical, same subspaces, partial overlaps
+from anti-correlated to 0.9, fine-tunes at drifts 0.03 .. 1, unrelated), spectra i^-0.2 .. i^-1 at condition numbers
+1e2 .. 1e4, 640 and 1280 square, 640 x 2560, 5120 x 640 and the k/v slot, with bfloat16 and float32 sketches (one
+power iteration, 96 extra columns). The smallest shrink factor a pair needed was 0.165, for same subspaces whose
+target bulk is i^-0.1, flatter than METHOD's slowest (1280 x 1280, cond 1e4); within METHOD's range 0.25 (i^-0.2,
+cond 1e4, a 0.9 partial overlap, exact 0.86), and 0.30 among pairs whose exact score is at most 0.35 (the same
+spectrum, overlap 0.45, exact 0.26). The low piece's 0.25 keeps a margin below that 0.30, and is what lets the
+threshold rule out an unrelated 640-wide pair (bound 0.035 < 0.05) where 0.15 alone would not (0.059).
 """
 from __future__ import annotations
 
@@ -59,7 +62,9 @@ import torch
 from ..atomic import write_text_atomic
 from .subspaces import Basis, Spectrum
 
-SKETCH_SHRINK_MIN = 0.2     # smallest factor a sketch's normalised score is shrunk toward chance by (see above)
+SKETCH_SHRINK_MIN = 0.15    # smallest factor a sketch's normalised score is shrunk toward chance by (see above)
+SKETCH_SHRINK_MIN_LOW = 0.25    # ... among pairs whose exact score is at most LOW_SCORE
+LOW_SCORE = 0.35
 SKETCH_NOISE_SDS = 4.0      # chance-level standard deviations a sketch's score may stray beyond the shrinking
 
 
@@ -79,6 +84,7 @@ class LayerSimilarity:
     identical: bool = False               # equal weights after casting to the lower precision
     estimate: bool = False                # from screening sketches that approximate the subspaces
     hi: float | None = None               # estimates: the exact score is at most this (module docstring)
+    soft: tuple[float, float] | None = None   # projected pairs: the soft subspaces' overlaps per side (METHOD §2c)
 
     @property
     def score(self) -> float:
@@ -95,12 +101,14 @@ class LayerSimilarity:
         return not (self.u.informative or self.v.informative)
 
     def as_list(self) -> list:
-        return [*_side_list(self.u), *_side_list(self.v), self.identical, self.estimate, self.hi]
+        return [*_side_list(self.u), *_side_list(self.v), self.identical, self.estimate, self.hi,
+                None if self.soft is None else list(self.soft)]
 
     @classmethod
     def from_list(cls, x) -> LayerSimilarity:
         estimate = bool(x[11])
-        return cls(_side(x[0:5]), _side(x[5:10]), bool(x[10]), estimate, float(x[12]) if estimate else None)
+        soft = None if x[13] is None else (float(x[13][0]), float(x[13][1]))
+        return cls(_side(x[0:5]), _side(x[5:10]), bool(x[10]), estimate, float(x[12]) if estimate else None, soft)
 
 
 def _side_list(side: SideScore) -> list:
@@ -168,7 +176,13 @@ def side_upper_bound(side: SideScore, dim: int) -> float:
     if not side.informative:
         return side.normalised
     up = side.normalised + SKETCH_NOISE_SDS * 2 ** 0.5 / dim
-    return min(up / SKETCH_SHRINK_MIN, 1.0) if up > 0 else up
+    if up <= 0:
+        return up
+    # Either the exact score is at most LOW_SCORE, and then at most up / SKETCH_SHRINK_MIN_LOW, or it is above it,
+    # which the sketch allows only where up / SKETCH_SHRINK_MIN exceeds LOW_SCORE.
+    if up / SKETCH_SHRINK_MIN > LOW_SCORE:
+        return min(up / SKETCH_SHRINK_MIN, 1.0)
+    return min(up / SKETCH_SHRINK_MIN_LOW, LOW_SCORE)
 
 
 def layer_similarity(source: Basis, target: Basis) -> LayerSimilarity:
@@ -232,7 +246,7 @@ class PairStore:
     atomically; an unreadable file is ignored (and replaced on the next write).
     """
 
-    VERSION = 3     # 3: estimates carry the upper bound of the exact score
+    VERSION = 4     # 3: estimates carry the upper bound of the exact score; 4: projected pairs their soft overlaps
 
     def __init__(self, directory: Path | None):
         self.directory = Path(directory) / "pairs" if directory is not None else None
