@@ -104,14 +104,14 @@ def _engine(shape_kind, ws, wt, layer, method="fast", dtypes=(torch.float32, tor
 
 
 def _check_continuity(shape_kind, exponent, strong, eps, construction="zoo", method="fast",
-                      dtypes=(torch.float32, torch.float32)):
+                      dtypes=(torch.float32, torch.float32), mode="auto"):
     ws, wt = _pair(shape_kind, exponent, strong, eps, construction)
     layer = _generic(ws.shape[0], ws.shape[1], seed=3)
-    delta, applied, (ss, st) = _engine(shape_kind, ws, wt, layer, method, dtypes)
+    delta, applied, (ss, st) = _engine(shape_kind, ws, wt, layer, method, dtypes, mode=mode)
     assert applied is not None, "a fine-tune is a candidate well above the threshold"
     bound, change = _bound(exponent, eps), _change(delta, layer)
     assert change <= bound, f"changed by {change:.4f} > {bound:.4f}"
-    want, _, _ = soft_transfer("auto", ss, st, layer.delta().double(), R)
+    want, _, _ = soft_transfer(mode, ss, st, layer.delta().double(), R)
     assert relative_error(delta, want) <= 1e-2
     assert applied.change == pytest.approx(change, rel=1e-3, abs=1e-6)     # what the report says moved
 
@@ -120,6 +120,11 @@ def _check_continuity(shape_kind, exponent, strong, eps, construction="zoo", met
 @pytest.mark.parametrize("eps", [0.01, 0.03])
 def test_a_lora_on_a_fine_tune_of_its_base_arrives_nearly_unchanged(exponent, strong, eps):
     _check_continuity("square", exponent, strong, eps)
+
+
+@pytest.mark.parametrize("exponent, strong", [(0.2, 4), (0.5, 0), (1.0, 0)])
+def test_subspace_null_is_continuous_too(exponent, strong):
+    _check_continuity("square", exponent, strong, 0.03, mode="subspace+null")
 
 
 @pytest.mark.parametrize("shape_kind", ["tall", "wide", "conv1x1", "kv_slot"])

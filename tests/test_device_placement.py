@@ -91,7 +91,7 @@ def test_every_operator_computes_on_the_loras_device_with_cpu_spectra(case, mode
         pytest.skip("direct copies and identical weights pass the update through only where the shapes agree")
     with SameDevice():
         out, _, _, _ = _project_pair(layer, TransferOptions(rank=16, mode=mode), identical, source, target,
-                                     target_shape)
+                                     target_shape, (0.5, 0.5))
     _assert_on_meta(out, m, width)
     assert out.weight_shape == tuple(target_shape)
 

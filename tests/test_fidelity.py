@@ -185,8 +185,8 @@ def test_several_source_blocks_on_one_target_block_are_noted_and_counted():
 
 
 def test_scores_of_applied_pairs_are_computed_once_per_cache(monkeypatch):
-    """Applied pairs are rescored on the projection bases; a second transfer through the same cache (warm runs,
-    batch) reads those scores back instead of computing them again."""
+    """Applied pairs get their exact score and soft overlaps once; a second transfer through the same cache (warm
+    runs, batch) reads them back instead of computing them again."""
     import lorax_engine.projection.transfer as transfer_module
 
     source, target, src = _block_models()
@@ -196,8 +196,9 @@ def test_scores_of_applied_pairs_are_computed_once_per_cache(monkeypatch):
     options, cache = TransferOptions(rank=32, threshold=-math.inf), SubspaceCache()
     first, _ = transfer(lora, source, target, options, cache=cache)
     calls = []
-    real = transfer_module.layer_similarity
+    real, real_soft = transfer_module.layer_similarity, transfer_module.soft_overlaps
     monkeypatch.setattr(transfer_module, "layer_similarity", lambda *a: calls.append(a) or real(*a))
+    monkeypatch.setattr(transfer_module, "soft_overlaps", lambda *a: calls.append(a) or real_soft(*a))
     again, report = transfer(lora, source, target, options, cache=cache)
     assert calls == [] and sorted(again.layers) == sorted(first.layers)
     for key, layer in again.layers.items():

@@ -24,6 +24,7 @@ from lorax_engine.projection.operators import (
     projected_energy,
     relative_change,
     side_weight,
+    soft_overlaps,
     soft_weights,
 )
 
@@ -126,7 +127,7 @@ def test_soft_operator_matches_the_dense_float64_formula_and_keeps_rank_and_alph
     ws, layer = _weight(m, ns, seed=1), _layer(m, ns, k=5)
     related = torch.cat([ws, torch.zeros(m, nt - ns, dtype=torch.float64)], 1) + 0.3 * _weight(m, nt, seed=2)
     for wt in (related, _weight(m, nt, seed=3)):
-        w_u, w_v = soft_weights(_spectrum(ws), _spectrum(wt), r, mode)
+        w_u, w_v = soft_weights(mode, soft_overlaps(_spectrum(ws), _spectrum(wt), r))
         out = project_soft(layer, _spectrum(ws), _spectrum(wt), r, (m, nt), w_u, w_v)
         want, want_u, want_v = soft_transfer(mode, ws, wt, _delta64(layer), r)
         assert (w_u, w_v) == (pytest.approx(want_u, abs=1e-5), pytest.approx(want_v, abs=1e-5))
@@ -138,7 +139,7 @@ def test_soft_operator_is_the_identity_on_equal_weights_and_w_is_one_there():
     w = _weight(64, 48, seed=5)
     layer = _layer(64, 48, k=4)
     for mode in ("auto", "subspace+null"):
-        w_u, w_v = soft_weights(_spectrum(w), _spectrum(w), 10, mode)
+        w_u, w_v = soft_weights(mode, soft_overlaps(_spectrum(w), _spectrum(w), 10))
         out = project_soft(layer, _spectrum(w), _spectrum(w), 10, (64, 48), w_u, w_v)
         assert (w_u, w_v) == (pytest.approx(1.0, abs=1e-6), pytest.approx(1.0, abs=1e-6))
         torch.testing.assert_close(out.delta().double(), _delta64(layer), rtol=1e-4, atol=1e-6)

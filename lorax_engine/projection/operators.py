@@ -189,13 +189,18 @@ def side_weight(overlap: float) -> float:
     return 1.0 - (1.0 - min(max(overlap, 0.0), 1.0)) ** 2
 
 
-def soft_weights(source: Spectrum, target: Spectrum, rank: int, mode: str, device=None) -> tuple[float, float]:
-    """``(w_U, w_V)`` of ``mode``'s soft side-wise operator (module docstring), computed on ``device`` (default:
-    where the spectra are)."""
+def soft_overlaps(source: Spectrum, target: Spectrum, rank: int, device=None) -> tuple[float, float]:
+    """``(phi^_soft U, phi^_soft V)`` of a pair (module docstring), computed on ``device`` (default: where the spectra
+    are). They depend on the weights and r only: the transfer keeps them with the pair's exact score."""
+    (su, sv), (tu, tv) = soft_sides(source, rank, device), soft_sides(target, rank, device)
+    return soft_overlap(su, tu), soft_overlap(sv, tv)
+
+
+def soft_weights(mode: str, overlaps: tuple[float, float]) -> tuple[float, float]:
+    """``(w_U, w_V)`` of ``mode``'s soft side-wise operator from the pair's soft overlaps."""
     if mode == "subspace+null":
         return 1.0, 1.0
-    (su, sv), (tu, tv) = soft_sides(source, rank, device), soft_sides(target, rank, device)
-    return side_weight(soft_overlap(su, tu)), side_weight(soft_overlap(sv, tv))
+    return side_weight(overlaps[0]), side_weight(overlaps[1])
 
 
 def project_soft(layer: LoraLayer, source: Spectrum, target: Spectrum, rank: int, target_shape, w_u: float,

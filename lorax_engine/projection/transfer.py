@@ -79,6 +79,7 @@ from ..files.lora import LoraLayer, LoraModel
 from ..reports.report import IDENTITY_OPERATOR, CandidateRecord, LayerRecord, Report, TargetRecord
 from .operators import (
     DEFAULT_MODE,
+    SIDEWISE_MODES,
     check_mode,
     combine,
     compress,
@@ -89,6 +90,7 @@ from .operators import (
     project_subspace,
     projected_energy,
     relative_change,
+    soft_overlaps,
     soft_weights,
 )
 
@@ -641,9 +643,18 @@ def _project_assignments(smap: SubspaceMap, opts: TransferOptions, lora: LoraMod
                     smap.entries[s].similarities[t] = exact
                     store.put(source.fingerprint(s), target.fingerprint(t), pid, exact)
                     c.similarity = similarity_dict(exact)
-                if opts.mode in ("auto", "subspace+null") and not identical and spectrum_s is None:
-                    spectrum_s = cache.get(source, s, spec, opts.device)
-                out, c.operator, c.w_u, c.w_v = _project_pair(layer, opts, identical, spectrum_s, spectrum_t, shape)
+                overlaps = None
+                if opts.mode in SIDEWISE_MODES and not identical:
+                    spectrum_s = spectrum_s or cache.get(source, s, spec, opts.device)
+                    exact = smap.entries[s].similarities[t]
+                    if exact.soft is None and opts.mode == "auto":    # subspace+null weighs both sides fully
+                        # kept with the exact score: warm and batch runs reuse it
+                        exact = replace(exact, soft=soft_overlaps(spectrum_s, spectrum_t, opts.rank, opts.device))
+                        smap.entries[s].similarities[t] = exact
+                        store.put(source.fingerprint(s), target.fingerprint(t), pid, exact)
+                    overlaps = exact.soft
+                out, c.operator, c.w_u, c.w_v = _project_pair(layer, opts, identical, spectrum_s, spectrum_t, shape,
+                                                              overlaps)
                 c.energy_kept = energy_fraction(layer, out)
                 c.change = relative_change(layer, out)
                 parts.append((out, strength))
@@ -658,16 +669,17 @@ def _project_assignments(smap: SubspaceMap, opts: TransferOptions, lora: LoraMod
     return out_layers, records, misses
 
 
-def _project_pair(layer: LoraLayer, opts: TransferOptions, identical: bool, spectrum_s, spectrum_t, shape
-                  ) -> tuple[LoraLayer, str, float | None, float | None]:
-    """One source layer on one target weight: (projected layer, operator used, w_U, w_V)."""
+def _project_pair(layer: LoraLayer, opts: TransferOptions, identical: bool, spectrum_s, spectrum_t, shape,
+                  overlaps: tuple[float, float] | None = None) -> tuple[LoraLayer, str, float | None, float | None]:
+    """One source layer on one target weight: (projected layer, operator used, w_U, w_V); the soft operator
+    weighs by the pair's soft ``overlaps``."""
     if opts.mode == "direct":
         return pass_through(layer, shape), "direct", None, None
     if passes_through(opts.mode, identical):
         return pass_through(layer, shape), IDENTITY_OPERATOR, 1.0, 1.0
     if opts.mode == "subspace":
         return project_subspace(layer, spectrum_t.top(opts.rank), shape), "subspace", None, None
-    w_u, w_v = soft_weights(spectrum_s, spectrum_t, opts.rank, opts.mode, opts.device)
+    w_u, w_v = soft_weights(opts.mode, overlaps)
     return project_soft(layer, spectrum_s, spectrum_t, opts.rank, shape, w_u, w_v), opts.mode, w_u, w_v
 
 
