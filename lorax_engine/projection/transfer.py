@@ -318,6 +318,12 @@ def _recall(smap: SubspaceMap, pairs):
                 break
 
 
+def _settle(smap: SubspaceMap, store, pid: str, s: str, t: str, sim: LayerSimilarity, fp_s=None, fp_t=None):
+    """Keep a pair's score in the map and, under ``pid``, in the pair store (later runs recall it)."""
+    smap.entries[s].similarities[t] = sim
+    store.put(fp_s or smap.source.fingerprint(s), fp_t or smap.target.fingerprint(t), pid, sim)
+
+
 def _first_row(weights, key: str) -> torch.Tensor:
     row = getattr(weights, "first_row", None)
     return row(key) if row is not None else weights.matrix(key)[0]
@@ -353,10 +359,8 @@ def _identify_by_value(smap: SubspaceMap, pairs):
         if fp_s != fp_t and not (_rows_may_match(row(source, s), row(target, t))
                                  and identical_after_cast(source.matrix(s), target.matrix(t))):
             continue
-        sim = identical_pair_similarity(shape, opts.rank)
-        entry.similarities[t] = sim
+        _settle(smap, store, pid, s, t, identical_pair_similarity(shape, opts.rank), fp_s, fp_t)
         smap.identical_by_value.add((s, t))
-        store.put(fp_s, fp_t, pid, sim)
 
 
 def _by_stage(smap: SubspaceMap, pairs) -> list[tuple[list[str], dict[str, list[str]]]]:
@@ -399,9 +403,7 @@ def _score_pairs(smap: SubspaceMap, pairs, spec: SubspaceSpec, steps: _Steps, lo
                 fp_t = target.fingerprint(t)
                 for s in by_target[t]:
                     entry = smap.entries[s]
-                    sim = layer_similarity(held[s], screen_t)
-                    entry.similarities[t] = sim
-                    store.put(source.fingerprint(s), fp_t, pid, sim)
+                    _settle(smap, store, pid, s, t, layer_similarity(held[s], screen_t), fp_t=fp_t)
                     if lora is not None:
                         layer = lora.layers[s]
                         lfp = layer_fingerprint(layer)
@@ -640,8 +642,7 @@ def _project_assignments(smap: SubspaceMap, opts: TransferOptions, lora: LoraMod
                     exact = layer_similarity(spectrum_s.top(opts.rank), spectrum_t.top(opts.rank))
                     if sim is not None and exact.score > sim.upper + 1e-9:
                         misses += 1
-                    smap.entries[s].similarities[t] = exact
-                    store.put(source.fingerprint(s), target.fingerprint(t), pid, exact)
+                    _settle(smap, store, pid, s, t, exact)
                     c.similarity = similarity_dict(exact)
                 overlaps = None
                 if opts.mode in SIDEWISE_MODES and not identical:
@@ -650,8 +651,7 @@ def _project_assignments(smap: SubspaceMap, opts: TransferOptions, lora: LoraMod
                     if exact.soft is None and opts.mode == "auto":    # subspace+null weighs both sides fully
                         # kept with the exact score: warm and batch runs reuse it
                         exact = replace(exact, soft=soft_overlaps(spectrum_s, spectrum_t, opts.rank, opts.device))
-                        smap.entries[s].similarities[t] = exact
-                        store.put(source.fingerprint(s), target.fingerprint(t), pid, exact)
+                        _settle(smap, store, pid, s, t, exact)
                     overlaps = exact.soft
                 out, c.operator, c.w_u, c.w_v = _project_pair(layer, opts, identical, spectrum_s, spectrum_t, shape,
                                                               overlaps)
