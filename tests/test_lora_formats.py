@@ -287,6 +287,14 @@ ERROR_CASES = {
     "nan": (_one_layer(**{f"{Q}.lora_down.weight": torch.full((4, 320), float("nan"))}),
             f"layer '{Q}': tensor '{Q}.lora_down.weight' contains NaN or Inf"),
     "inf": (_one_layer(**{f"{Q}.lora_up.weight": torch.full((320, 4), float("inf"))}), "NaN or Inf"),
+    # one bad value among good ones, in each storage dtype (float8 has no min/max kernel of its own)
+    "nan_one_fp16": (_one_layer(**{f"{Q}.lora_down.weight": torch.randn(4, 320).half().index_put_(
+        (torch.tensor([2]), torch.tensor([100])), torch.tensor(float("nan")).half())}), "NaN or Inf"),
+    "inf_one_bf16": (_one_layer(**{f"{Q}.lora_up.weight": torch.randn(320, 4).bfloat16().index_put_(
+        (torch.tensor([7]), torch.tensor([3])), torch.tensor(-float("inf")).bfloat16())}), "NaN or Inf"),
+    "nan_one_float8": (_one_layer(**{f"{Q}.lora_down.weight": torch.randn(4, 320).index_put_(
+        (torch.tensor([0]), torch.tensor([319])), torch.tensor(float("nan"))).to(torch.float8_e4m3fn)}),
+        "NaN or Inf"),
     "alpha_not_scalar": (_one_layer(**{f"{Q}.alpha": torch.tensor([4.0, 4.0])}),
                          "alpha must be a single number but has shape [2]"),
     "mixed": ({**_one_layer(), "unet.down_blocks.1.attentions.0.proj_in.lora_A.weight": torch.zeros(4, 640),

@@ -52,6 +52,7 @@ import torch
 
 from ..atomic import atomic_path
 from ..errors import LoraFileError, TransferOptionError
+from ..tensor_checks import all_finite
 
 ALGORITHM_VERSION = 4      # 4: whole spectra for exact scores and projection, plain sketches to screen
 METHODS = ("exact", "gram", "randomized")
@@ -394,7 +395,7 @@ class SubspaceCache:
             t0 = time.perf_counter()
             w = weights.matrix(key)
             self.stats.read_seconds += time.perf_counter() - t0
-        if not _all_finite(w):
+        if not all_finite(w):
             raise LoraFileError(getattr(weights, "name", "model"),
                                 f"weight {key} holds NaN or infinite values; the model file is damaged")
         t0 = time.perf_counter()
@@ -501,14 +502,6 @@ class SubspaceCache:
                                                        "lorax.crc32": _checksum(tensors)})
         except (OSError, SafetensorError):     # safetensors reports a full disk as SafetensorError
             pass    # a read-only or full cache disk costs speed, never the result
-
-
-def _all_finite(t: torch.Tensor) -> bool:
-    """No NaN or inf in ``t``: min and max propagate both, in one pass (~8x faster than isfinite().all())."""
-    if t.numel() == 0:
-        return True
-    lo, hi = torch.aminmax(t)
-    return bool(torch.isfinite(lo) & torch.isfinite(hi))
 
 
 def _checksum(tensors: dict[str, torch.Tensor]) -> str:

@@ -164,9 +164,22 @@ def detect_lora_architecture(shapes: Mapping[str, Sequence[int]]) -> Detection:
 
 # --- checkpoint detection -------------------------------------------------------------------------
 
-def _count_indices(keys: set[str], prefix: str) -> int:
-    """How many consecutive ``prefix{i}.`` indices (from 0) occur among ``keys``."""
-    found = {int(m.group(1)) for k in keys for m in [re.match(re.escape(prefix) + r"(\d+)\.", k)] if m}
+_INDEX = re.compile(r"(?:^|(?<=\.))(\d+)\.")
+
+
+def _index_table(keys: set[str]) -> dict[str, set[int]]:
+    """``{prefix: indices}`` for every ``prefix{i}.`` in ``keys`` (prefix empty or ending with "."): one pass over
+    the keys instead of one per question (a checkpoint has ~2500 names)."""
+    table: dict[str, set[int]] = {}
+    for k in keys:
+        for m in _INDEX.finditer(k):
+            table.setdefault(k[:m.start()], set()).add(int(m.group(1)))
+    return table
+
+
+def _count_indices(table: dict[str, set[int]], prefix: str) -> int:
+    """How many consecutive ``prefix{i}.`` indices (from 0) occur (``table`` from :func:`_index_table`)."""
+    found = table.get(prefix, set())
     n = 0
     while n in found:
         n += 1
@@ -179,6 +192,7 @@ def unet_config_from_keys(keys: Iterable[str], shape_fn: Callable[[str], Sequenc
     keys = {k[len(prefix):] for k in keys if k.startswith(prefix)}
     if "input_blocks.0.0.weight" not in keys:
         return None
+    indices = _index_table(keys)
     mc = int(shape_fn(prefix + "input_blocks.0.0.weight")[0])
     in_ch = int(shape_fn(prefix + "input_blocks.0.0.weight")[1])
     channel_mult, num_res, depth = [], [], []
@@ -193,7 +207,7 @@ def unet_config_from_keys(keys: Iterable[str], shape_fn: Callable[[str], Sequenc
             if count == 0:
                 channel_mult.append(out // mc)
             count += 1
-            d = _count_indices(keys, f"input_blocks.{n}.1.transformer_blocks.")
+            d = _count_indices(indices, f"input_blocks.{n}.1.transformer_blocks.")
             depth.append(d)
             if d:
                 k = f"input_blocks.{n}.1.transformer_blocks.0.attn2.to_k.weight"
@@ -206,10 +220,10 @@ def unet_config_from_keys(keys: Iterable[str], shape_fn: Callable[[str], Sequenc
     if count:
         num_res.append(count)
     out_depth = []
-    for j in range(_count_indices(keys, "output_blocks.")):
-        out_depth.append(_count_indices(keys, f"output_blocks.{j}.1.transformer_blocks."))
+    for j in range(_count_indices(indices, "output_blocks.")):
+        out_depth.append(_count_indices(indices, f"output_blocks.{j}.1.transformer_blocks."))
     if "middle_block.1.proj_in.weight" in keys:
-        mid = _count_indices(keys, "middle_block.1.transformer_blocks.")
+        mid = _count_indices(indices, "middle_block.1.transformer_blocks.")
         k = "middle_block.1.transformer_blocks.0.attn2.to_k.weight"
         if context_dim is None and k in keys:
             context_dim = int(shape_fn(prefix + k)[1])

@@ -19,6 +19,7 @@ import safetensors.torch
 import torch
 
 from ..errors import LoraFileError, OutputPathError
+from ..tensor_checks import all_finite
 from .architectures import detect_lora_architecture
 from .keys import KeyPart, canonical_to_kohya, expected_shape, module_to_canonical, split_key
 from .lora import LoraLayer, LoraModel
@@ -140,7 +141,7 @@ def lora_from_state_dict(sd: dict[str, torch.Tensor], metadata: dict[str, str] |
         module = modules[c]
         for k in keys.values():
             t = sd[k]
-            if t.is_floating_point() and not torch.isfinite(t.float()).all():   # float() also for float8
+            if not all_finite(t):
                 fail(f"layer {module!r}: tensor {k!r} contains NaN or Inf values")
         alpha = _alpha(sd, keys, module, fail)
         factors = {part: sd[k] for part, k in keys.items() if part != "alpha"}
@@ -446,7 +447,7 @@ def prepare_lora_file(lora: LoraModel, path: Path, *, architecture: str, extra_m
     if not path.parent.is_dir():
         raise OutputPathError(f"{path}: the folder {path.parent} does not exist")
     sd = to_kohya_state_dict(lora, architecture, dtype)
-    too_large = sorted(k for k, t in sd.items() if not torch.isfinite(t).all())
+    too_large = sorted(k for k, t in sd.items() if not all_finite(t))
     if too_large:
         raise LoraFileError(path, f"{len(too_large)} tensors hold values too large for {_dtype_name(sd[too_large[0]])} "
                                   f"(e.g. {too_large[0]!r}); lower the LoRA's strength")

@@ -481,11 +481,12 @@ def _evidence(sim: LayerSimilarity | None) -> Evidence:
     return Evidence(sim.upper, not sim.estimate, sim.identical, sim.unscored)
 
 
-def _decide(smap: SubspaceMap, opts: TransferOptions, lora: LoraModel, live: list[str], steps: _Steps):
+def _decide(smap: SubspaceMap, opts: TransferOptions, lora: LoraModel, live: list[str], energies: dict[str, float],
+            steps: _Steps):
     """Decisions on evidence that settles them: the pairs a decision needs are screened (unknown) or scored exactly
     (estimates), and the decision made again (module docstring)."""
     while True:
-        layers = {k: LayerChoice(smap.entries[k].candidates.source, lora.layers[k].energy(),
+        layers = {k: LayerChoice(smap.entries[k].candidates.source, energies[k],
                                  {t: _evidence(smap.entries[k].similarities.get(t))
                                   for t, _ in smap.entries[k].candidates.targets}) for k in live}
         decisions = decide(layers, opts.policy, opts.threshold)
@@ -537,11 +538,12 @@ def project(lora: LoraModel, subspace_map: SubspaceMap, options: TransferOptions
     keys = sorted(lora.layers, key=lambda k: (smap.entries[k].candidates.source.order, k))
     live = [k for k in keys if not smap.entries[k].candidates.reason
             and layer_fits(lora.layers[k], smap.entries[k].candidates.source_shape)]
+    energies = {k: lora.layers[k].energy() for k in keys}
     if opts.mode == "direct":
         chosen = {k: {smap.entries[k].candidates.targets[0][0]: 1.0} for k in live}
         reasons: dict[str, dict[str, str]] = {k: {} for k in live}
     else:
-        decisions = _decide(smap, opts, lora, live, steps)
+        decisions = _decide(smap, opts, lora, live, energies, steps)
         chosen, reasons = decisions.chosen, decisions.reasons
     records: dict[str, LayerRecord] = {}
     cand_records: dict[tuple[str, str], CandidateRecord] = {}
@@ -550,7 +552,7 @@ def project(lora: LoraModel, subspace_map: SubspaceMap, options: TransferOptions
         entry, layer = smap.entries[key], lora.layers[key]
         cands = entry.candidates
         rec = LayerRecord(key, cands.stage, cands.source.block, cands.source.role, list(layer.weight_shape),
-                          layer.rank, layer.energy())
+                          layer.rank, energies[key])
         records[key] = rec
         if key not in chosen:
             # a map scored without this LoRA knows the source's shapes, not the LoRA's
@@ -655,8 +657,10 @@ def _project_assignments(smap: SubspaceMap, opts: TransferOptions, lora: LoraMod
                     overlaps = exact.soft
                 out, c.operator, c.w_u, c.w_v = _project_pair(layer, opts, identical, spectrum_s, spectrum_t, shape,
                                                               overlaps)
-                c.energy_kept = energy_fraction(layer, out)
-                c.change = relative_change(layer, out)
+                if c.operator == IDENTITY_OPERATOR:     # the update itself: nothing to measure
+                    c.energy_kept, c.change = 1.0, 0.0
+                else:
+                    c.energy_kept, c.change = energy_fraction(layer, out), relative_change(layer, out)
                 parts.append((out, strength))
             combined = combine(parts, shape)
             cap_kept = 1.0

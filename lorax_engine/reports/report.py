@@ -23,7 +23,7 @@ computed (identical by value, decided on an estimate's bound, scored exactly, ne
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 
 IDENTITY_OPERATOR = "identity (identical weights)"
@@ -129,7 +129,7 @@ class Report:
         }
 
     def to_dict(self) -> dict:
-        out = asdict(self)
+        out = _plain(self)
         out["summary"] = self.summary()
         return out
 
@@ -258,3 +258,17 @@ def _short(key: str, width: int) -> str:
             break
     key = key.removesuffix(".weight").replace("transformer_blocks.", "tb.")
     return key if len(key) <= width else "…" + key[-(width - 1):]
+
+
+def _plain(x):
+    """``dataclasses.asdict`` without its deep copy of every leaf (a report's leaves are numbers and strings; the
+    copies were most of a warm transfer's report time)."""
+    if is_dataclass(x):
+        return {f.name: _plain(getattr(x, f.name)) for f in fields(x)}
+    if isinstance(x, list):
+        return [_plain(v) for v in x]
+    if isinstance(x, tuple):
+        return tuple(_plain(v) for v in x)
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    return x
