@@ -282,6 +282,12 @@ def run_pair(name: str, args, work: Path, lora_paths: list[Path], rank: int, say
     figures["source_layers"] = report["summary"]["source_layers"]
     figures["work"] = report["work"]
     figures["bases_computed"] = sum(report["cache"][phase]["computed"] for phase in ("similarity", "projection"))
+    # where the cold process's time went inside the engine: each phase's wall seconds, and the seconds its basis
+    # computations and weight reads took summed over the worker threads
+    figures["cold_engine_s"] = {phase: {"wall": report["seconds"][phase],
+                                        "bases": round(report["cache"][phase]["compute_seconds"], 1),
+                                        "reads": round(report["cache"][phase]["read_seconds"], 1)}
+                                for phase in ("similarity", "projection")}
     figures["warm_s"], figures["warm_peak_rss_gb"] = transfer("warm")
     figures["cache_mb"] = round(sum(f.stat().st_size for f in cache.rglob("*") if f.is_file()) / 2**20, 1)
     times = {}

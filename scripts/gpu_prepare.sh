@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # make gpu-prepare: builds .gpu/ (gitignored), what the lent GPU machine needs beside the working tree to import
 # ComfyUI in-process: ComfyUI's tree from .runtime/comfyui, pruned to its code, and the wheels of the three
-# packages its image lacks (COMFYUI.md §D). Prints the device tool's call. Needs `make setup` (the runtime) and
-# PyPI (pip download).
+# packages its image lacks (COMFYUI.md §D), and py-spy for the profile step. Prints the device tool's call.
+# Needs `make setup` (the runtime) and PyPI (pip download).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -11,7 +11,7 @@ COMFY=.runtime/comfyui
 DEST=.gpu
 PIP="${PYTHON:-.venv/bin/python} -m pip"
 # versions as in the test runtime (.venv); av's wheels are abi3 manylinux_2_28, so they install on Python 3.12
-WHEELS=(av==18.1.0 torchsde==0.2.6 trampoline==0.1.2)
+WHEELS=(av==18.1.0 torchsde==0.2.6 trampoline==0.1.2 py-spy==0.4.3)   # py-spy: gpu_check.sh's profile step
 
 [[ -f $COMFY/main.py ]] || { echo "gpu-prepare: $COMFY is missing; run 'make setup' first" >&2; exit 1; }
 rm -rf "$DEST/comfyui"
@@ -26,7 +26,8 @@ mkdir -p "$DEST/comfyui/models"           # folder_paths expects it
 
 missing=()
 for w in "${WHEELS[@]}"; do
-    ls "$DEST/wheels/${w%%==*}-${w##*==}-"*.whl >/dev/null 2>&1 || missing+=("$w")
+    name=${w%%==*}
+    ls "$DEST/wheels/${name//-/_}-${w##*==}-"*.whl >/dev/null 2>&1 || missing+=("$w")      # wheels write _ for -
 done
 if ((${#missing[@]})); then
     $PIP download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
@@ -47,5 +48,5 @@ cat <<EOF
 
 Run it through the device tool (one call, ~7 minutes of the 15; what comes back lies under files_at):
   run(command="bash scripts/gpu_check.sh", carry=["$DEST"], timeout_s=600)
-Then give_back, unless you rerun at once. Results: summary.txt, one log per step, bench.json (the bench's JSON line).
+Then give_back, unless you rerun at once. Results: summary.txt, steps.log, bench.json (the bench's JSON line), profile_defaults.txt.
 EOF
