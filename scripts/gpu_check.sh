@@ -87,6 +87,7 @@ profile() {
         "$PY" -m lorax_engine transfer --source-model "$("$PY" -c "import lorax_zoo; print(lorax_zoo.checkpoint('$source'))")" \
         --target-model "$("$PY" -c "import lorax_zoo; print(lorax_zoo.checkpoint('$target'))")" \
         --lora "$work/lora.safetensors" --out "$work/out.safetensors" --cache-dir "$work/cache" --device "$device" --quiet
+    [[ -f $work/out.safetensors ]] || { echo "profile: the transfer failed (py-spy exits 0 all the same)"; return 1; }
     # the 30 functions most often on a stack (each counted once per stack, line numbers dropped)
     "$PY" - "$OUT/profile_defaults.txt" <<'EOF'
 import collections, re, sys

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 from dataclasses import replace
 
@@ -154,3 +155,32 @@ def test_command_line_uses_the_gpu_by_default(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["transfer", "--help"])
     assert "default: cuda when torch sees a CUDA GPU, else cpu; here cuda" in " ".join(capsys.readouterr().out.split())
+
+
+@pytest.mark.parametrize("method", ["randomized", "gram"])
+def test_a_processs_first_gpu_bases_come_from_two_threads_at_once(zoo, method):
+    """torch loads its CUDA linear-algebra kernels on first use, and two threads' first uses at once failed with
+    "lazy wrapper should be called at most once" (pytorch/pytorch#90613) in every cold GPU transfer: the process
+    is fresh, so its first linear algebra is the two basis threads'. Their singular values against float64's."""
+    script = """if True:
+        import sys, torch
+        from lorax_engine.analysis.subspaces import SubspaceCache, SubspaceSpec
+        from lorax_engine.files.base_weights import CheckpointWeights
+        path, method, device = sys.argv[1:]
+        with CheckpointWeights(path) as weights:
+            keys = [k for k in weights.keys() if k.endswith(("to_q.weight", "q_proj.weight"))][:6]
+            spec = SubspaceSpec(rank=32, method=method, sketch_dtype="float32")
+            for key, basis in SubspaceCache().get_many(weights, keys, spec, device=device, workers=2):
+                want = torch.linalg.svdvals(weights.matrix(key).double())[:32]
+                got = basis.s[:32].double()
+                if method == "gram":
+                    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+                else:    # Rayleigh-Ritz values: below the true ones, the largest close to them
+                    assert bool((got <= want * (1 + 1e-5)).all()) and float(got[0]) >= 0.9 * float(want[0]), key
+        print("bases", len(keys))
+    """
+    done = subprocess.run([sys.executable, "-c", script, str(zoo.checkpoint("tiny_sd15")), method, DEVICE],
+                          capture_output=True, text=True, cwd=comfy_harness.REPO_ROOT, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(comfy_harness.REPO_ROOT)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["bases", "6"]

@@ -113,6 +113,14 @@ def default_workers(device="cpu") -> int:
     return 2 if not str(device).startswith("cpu") or torch.get_num_threads() >= 2 else 1
 
 
+def load_linalg_kernels(device) -> None:
+    """One linear-algebra call on ``device`` from this thread, before worker threads compute there: torch loads
+    its CUDA linear-algebra kernels on their first use, and first uses from two threads at once fail with
+    "lazy wrapper should be called at most once" (pytorch/pytorch#90613; seen on an H200 with torch 2.11)."""
+    if torch.device(device).type == "cuda":
+        torch.linalg.cholesky_ex(torch.ones(1, 1, dtype=torch.float64, device=device))
+
+
 @functools.lru_cache(maxsize=4)
 def fast_sketch_dtype(device: str = "cpu") -> str:
     """The sketch dtype for fast screening on ``device``: bfloat16 where the hardware multiplies it natively
@@ -360,6 +368,7 @@ class SubspaceCache:
             for key in keys:
                 yield key, self.get(weights, key, spec, device)
             return
+        load_linalg_kernels(device)
         threads = torch.get_num_threads()
         torch.set_num_threads(max(1, threads // workers))
         pool = ThreadPoolExecutor(workers, thread_name_prefix="lorax-basis")
