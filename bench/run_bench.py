@@ -65,7 +65,7 @@ TARGETS = {   # figure: (comparison, bound), the 2-core CPU targets of the perfo
     "step_overhead": ("<=", 0.05), "trained_max_score_err": ("<=", 0.01), "trained_max_dw_err": ("<=", 1e-2),
     "trained_flips": ("<=", 0), "trained_bound_misses": ("<=", 0),
 }
-# on a CUDA GPU (H100/H200) the brief sets only cold-transfer targets; accuracy and the step cost keep the CPU's
+# on a CUDA GPU (H100/H200) issue 18 sets only cold-transfer targets; accuracy and the step cost keep the CPU's
 GPU_TARGETS = {**{k: v for k, v in TARGETS.items() if not k.startswith(("defaults.", "stress."))},
                "defaults.cold_s": ("<=", 2.0), "stress.cold_s": ("<=", 5.0)}
 CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "fma")
