@@ -107,6 +107,31 @@ def test_candidates_whose_bound_is_below_the_threshold_get_no_exact_score():
     assert cache.stats.computed == 2                            # the two sketches, no spectrum
 
 
+def test_a_q_whose_bound_fails_everywhere_spares_its_k_any_basis():
+    """q and k pass together or not at all, so once q's bound is below the threshold in every block k needs no score:
+    on unrelated trained-looking weights only q's pairs are sketched (the source's q and both blocks' q)."""
+    q, k = TB.format(7, "attn1.to_q"), TB.format(7, "attn1.to_k")
+    q8, k8 = TB.format(8, "attn1.to_q"), TB.format(8, "attn1.to_k")
+    pairs = [weight_pair("unrelated", 1280, 1280, exponent=0.3, cond=1e3, seed=seed) for seed in (4, 5, 6)]
+    source = StateDictWeights({q: pairs[0][0].float(), k: pairs[1][0].float()}, "sd1", "s")
+    target = StateDictWeights({q: pairs[0][1].float(), k: pairs[1][1].float(), q8: pairs[2][0].float(),
+                               k8: pairs[2][1].float()}, "sd1", "t")
+    g = _gen(2)
+    lora = LoraModel({key: LoraLayer(torch.randn(1280, 4, generator=g), torch.randn(4, 1280, generator=g), 4.0,
+                                     (1280, 1280)) for key in (q, k)}, "sd1")
+    cache = SubspaceCache()
+    out, report = transfer(lora, source, target, TransferOptions(), cache=cache)
+    assert not out.layers
+    by_role = {r.role: r for r in report.layers}
+    assert by_role["attn1.to_q"].reason == "below threshold"
+    assert by_role["attn1.to_k"].reason == "its q/k partner does not pass there"
+    assert all(c.similarity["score_upper_bound"] < 0.05 for c in by_role["attn1.to_q"].candidates)
+    assert all(c.similarity is None for c in by_role["attn1.to_k"].candidates)
+    assert report.work == {"candidate_pairs": 4, "identical_by_value": 0, "decided_on_estimate": 2,
+                           "scored_exactly": 0, "not_needed": 2}
+    assert cache.stats.computed == 3
+
+
 def _related(base: torch.Tensor, amount: float, seed: int) -> torch.Tensor:
     """``base`` plus an independent weight of relative size ``amount``: 0 is the same weight, large is unrelated."""
     other = torch.randn(base.shape, generator=_gen(seed))

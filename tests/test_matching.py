@@ -235,6 +235,22 @@ def test_q_and_k_of_one_attention_are_applied_together_or_not_at_all(policy):
     assert _target(Q, first) in alone
 
 
+@pytest.mark.parametrize("policy", ["best", "all-above-threshold", "spread"])
+def test_a_q_and_k_nothing_is_known_of_are_screened_q_first_and_k_only_if_q_may_pass(policy):
+    """One member below the threshold fails the pair, so its partner is asked for only once the first may pass;
+    with the threshold off nothing can fail, and both are asked for at once."""
+    tq, tk = _target(Q, "input_blocks.5.1"), _target(K, "input_blocks.5.1")
+    unknown = _choices({K: {tk: UNKNOWN}, Q: {tq: UNKNOWN}})
+    assert decide(unknown, policy, 0.05).needs == {(Q, tq)}
+    assert decide(unknown, policy, -math.inf).needs == {(Q, tq), (K, tk)}
+    q_fails = decide(_choices({K: {tk: UNKNOWN}, Q: {tq: Evidence(0.03)}}), policy, 0.05)
+    assert not q_fails.needs and q_fails.chosen == {Q: {}, K: {}}
+    assert q_fails.reasons == {Q: {tq: "below threshold"}, K: {tk: "its q/k partner does not pass there"}}
+    assert decide(_choices({K: {tk: UNKNOWN}, Q: {tq: Evidence(0.2)}}), policy, 0.05).needs == {(K, tk)}
+    assert decide(_choices({K: {tk: Evidence(0.3)}, Q: {tq: Evidence(0.2)}}), policy, 0.05).needs == \
+        {(Q, tq), (K, tk)}
+
+
 @pytest.mark.parametrize("policy", ["best", "all-above-threshold"])
 def test_proj_in_follows_the_transformer_block_it_wraps(policy):
     """proj_in goes to the block its transformer block went to, though another block's proj_in scores higher."""

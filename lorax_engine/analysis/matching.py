@@ -34,7 +34,9 @@ the LoRA has those; the target's own unused layers (CLIP-L's last layer under SD
 
 Decisions are made on evidence (:class:`Evidence`: the most the exact score can be, similarity.py; exact or not): an
 estimate only rules a candidate out, and whatever may pass or lead is scored exactly first; :func:`decide` names
-the pairs to refine (METHOD §2b).
+the pairs to refine (METHOD §2b). Pairs nothing is known of are asked for as the decisions need them: a q/k pair one
+member at a time, q first, since one member below the threshold fails both and the other then needs no basis (on
+unrelated weights this spares every k its sketch).
 
 Default threshold 0.05, on the chance-normalised score. Chance-level scores of independent r-dimensional
 subspaces of R^d have standard deviation about sqrt(2) / d (measured: 0.0022 at d = 640, 0.0011 at 1280), so
@@ -45,6 +47,7 @@ chance score seen, yet keeps any layer with real shared structure.
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 
@@ -238,15 +241,17 @@ def check_policy(policy: str, threshold: float):
 class Evidence:
     """What is known of one candidate pair's normalised score: it is at most ``hi``; ``exact``: it is ``hi``
     (exact subspaces or identical weights). Decisions use an estimate only to rule a pair out: whatever may pass
-    or lead is scored exactly first (its spectra are needed to project it anyway). Nothing known yet: ``hi`` 1."""
+    or lead is scored exactly first (its spectra are needed to project it anyway). Nothing known yet
+    (:data:`UNKNOWN`): ``hi`` 1, ``known`` False."""
 
     hi: float = 1.0
     exact: bool = False
     identical: bool = False
     unscored: bool = False
+    known: bool = True
 
 
-UNKNOWN = Evidence()
+UNKNOWN = Evidence(known=False)
 
 
 @dataclass
@@ -279,17 +284,20 @@ PASS, FAIL, OPEN = "pass", "fail", "open"
 
 
 def _groups(layers: dict[str, LayerChoice]) -> list[tuple[str, ...]]:
-    """q and k of one attention (both in the LoRA) as one group; every other layer alone."""
+    """q and k of one attention (both in the LoRA) as one group, q first (screened first: :func:`_test`; SDXL's
+    cross-attention q is the cheaper weight to sketch); every other layer alone."""
     by_role = {(unit_of(c.ref), c.ref.role): k for k, c in layers.items()}
-    partner_of = {}
+    k_of = {}
     for (unit, role), key in by_role.items():
         other = by_role.get((unit, QK_PARTNERS.get(role)))
         if other is not None:
-            partner_of[key], partner_of[other] = other, key
+            k_of[key] = other
+    q_of = {k: q for q, k in k_of.items()}
     groups, seen = [], set()
     for key in sorted(layers, key=lambda k: (layers[k].ref.order, k)):
         if key not in seen:
-            group = (key, partner_of[key]) if key in partner_of else (key,)
+            q = q_of.get(key, key)
+            group = (q, k_of[q]) if q in k_of else (key,)
             seen.update(group)
             groups.append(group)
     return groups
@@ -303,7 +311,7 @@ def _in_unit(choice: LayerChoice) -> dict[str, str]:
 def _test(group, units_of, layers, unit, threshold) -> tuple[str, dict[str, str], set]:
     """Does ``group`` pass the threshold in target ``unit``? ``(PASS | FAIL | OPEN, reasons, pairs to score)``:
     every member must pass; one whose upper bound is below the threshold fails the group; passing needs exact
-    scores."""
+    scores. Pairs nothing is known of are asked for one at a time, before any is scored exactly."""
     members = []
     for s in group:
         t = units_of[s].get(unit)
@@ -313,6 +321,9 @@ def _test(group, units_of, layers, unit, threshold) -> tuple[str, dict[str, str]
     low = {s for s, _, ev in members if ev.hi < threshold}
     if low:
         return FAIL, {s: DROP_BELOW_THRESHOLD if s in low else DROP_PARTNER for s, _, _ in members}, set()
+    unseen = [(s, t) for s, t, ev in members if not ev.known]
+    if unseen and threshold > -math.inf:    # one at a time: one below the threshold fails the group (no basis more)
+        return OPEN, {}, {unseen[0]}
     unsure = {(s, t) for s, t, ev in members if not ev.exact}
     return (OPEN, {}, unsure) if unsure else (PASS, {}, set())
 
@@ -354,10 +365,11 @@ def _best_unit(unit, unit_layers, groups, units_of, layers, threshold, out: Deci
     else:
         pending = [max(pending, key=lambda tu: scored[tu][0])]
     for tu in pending:
-        for s in unit_layers:
-            t = units_of[s].get(tu)
-            if t is not None and not layers[s].candidates[t].exact:
-                out.needs.add((s, t))
+        # groups that may still pass first (a q/k pair one member at a time); the block score's other layers only
+        # once no group is open there, so a unit in which every group fails costs no basis of a failed q/k partner
+        asks = set().union(*(_test(g, units_of, layers, tu, threshold)[2] for g in groups))
+        out.needs |= asks or {(s, units_of[s][tu]) for s in unit_layers
+                              if tu in units_of[s] and not layers[s].candidates[units_of[s][tu]].exact}
     return None, True
 
 
