@@ -251,6 +251,19 @@ def test_a_q_and_k_nothing_is_known_of_are_screened_q_first_and_k_only_if_q_may_
         {(Q, tq), (K, tk)}
 
 
+def test_best_scores_a_pair_that_may_pass_before_the_block_scores_that_rank_blocks():
+    """One candidate's bound reaches the threshold: that pair is scored exactly first. If it fails, nothing can
+    pass anywhere and the blocks are not ranked (no exact score for the others)."""
+    out_proj = V.replace("to_v", "to_out.0")
+    a, b = "input_blocks.5.1", "input_blocks.7.1"
+    bounds = {V: {_target(V, a): Evidence(0.06), _target(V, b): Evidence(0.03)},
+              out_proj: {_target(out_proj, a): Evidence(0.04), _target(out_proj, b): Evidence(0.02)}}
+    assert decide(_choices(bounds), "best", 0.05).needs == {(V, _target(V, a))}
+    settled = decide(_choices({**bounds, V: {**bounds[V], _target(V, a): _exact(-0.002)}}), "best", 0.05)
+    assert not settled.needs and settled.chosen == {V: {}, out_proj: {}}
+    assert set(settled.reasons[V].values()) == set(settled.reasons[out_proj].values()) == {"below threshold"}
+
+
 @pytest.mark.parametrize("policy", ["best", "all-above-threshold"])
 def test_proj_in_follows_the_transformer_block_it_wraps(policy):
     """proj_in goes to the block its transformer block went to, though another block's proj_in scores higher."""
