@@ -322,7 +322,7 @@ def _test(group, units_of, layers, unit, threshold) -> tuple[str, dict[str, str]
     if low:
         return FAIL, {s: DROP_BELOW_THRESHOLD if s in low else DROP_PARTNER for s, _, _ in members}, set()
     unseen = [(s, t) for s, t, ev in members if not ev.known]
-    if unseen and threshold > -math.inf:    # one at a time: one below the threshold fails the group (no basis more)
+    if unseen and threshold > -math.inf:    # one at a time: one below the threshold fails the group, sparing the rest
         return OPEN, {}, {unseen[0]}
     unsure = {(s, t) for s, t, ev in members if not ev.exact}
     return (OPEN, {}, unsure) if unsure else (PASS, {}, set())
@@ -365,8 +365,8 @@ def _best_unit(unit, unit_layers, groups, units_of, layers, threshold, out: Deci
     else:
         pending = [max(pending, key=lambda tu: scored[tu][0])]
     for tu in pending:
-        # groups that may still pass first (a q/k pair one member at a time); the block score's other layers only
-        # once no group is open there, so a unit in which every group fails costs no basis of a failed q/k partner
+        # the pairs of groups that may still pass first (a q/k pair one member at a time), the block score's other
+        # layers only once no group is open there: where those pairs fail everywhere, no block needs ranking
         asks = set().union(*(_test(g, units_of, layers, tu, threshold)[2] for g in groups))
         out.needs |= asks or {(s, units_of[s][tu]) for s in unit_layers
                               if tu in units_of[s] and not layers[s].candidates[units_of[s][tu]].exact}
