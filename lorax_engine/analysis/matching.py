@@ -287,17 +287,16 @@ def _groups(layers: dict[str, LayerChoice]) -> list[tuple[str, ...]]:
     """q and k of one attention (both in the LoRA) as one group, q first (screened first: :func:`_test`; SDXL's
     cross-attention q is the cheaper weight to sketch); every other layer alone."""
     by_role = {(unit_of(c.ref), c.ref.role): k for k, c in layers.items()}
-    k_of = {}
+    partner_of = {}
     for (unit, role), key in by_role.items():
         other = by_role.get((unit, QK_PARTNERS.get(role)))
         if other is not None:
-            k_of[key] = other
-    q_of = {k: q for q, k in k_of.items()}
+            partner_of[key], partner_of[other] = other, key
     groups, seen = [], set()
     for key in sorted(layers, key=lambda k: (layers[k].ref.order, k)):
         if key not in seen:
-            q = q_of.get(key, key)
-            group = (q, k_of[q]) if q in k_of else (key,)
+            group = (key, partner_of[key]) if key in partner_of else (key,)
+            group = tuple(sorted(group, key=lambda m: layers[m].ref.role not in QK_PARTNERS))     # q first
             seen.update(group)
             groups.append(group)
     return groups
@@ -368,8 +367,10 @@ def _best_unit(unit, unit_layers, groups, units_of, layers, threshold, out: Deci
         # the pairs of groups that may still pass first (a q/k pair one member at a time), the block score's other
         # layers only once no group is open there: where those pairs fail everywhere, no block needs ranking
         asks = set().union(*(_test(g, units_of, layers, tu, threshold)[2] for g in groups))
-        out.needs |= asks or {(s, units_of[s][tu]) for s in unit_layers
-                              if tu in units_of[s] and not layers[s].candidates[units_of[s][tu]].exact}
+        if not asks:
+            asks = {(s, t) for s in unit_layers
+                    if (t := units_of[s].get(tu)) is not None and not layers[s].candidates[t].exact}
+        out.needs |= asks
     return None, True
 
 
