@@ -73,16 +73,15 @@ def test_a_rewritten_checkpoint_never_reuses_an_old_basis(tmp_path):
 
 def test_every_input_of_a_basis_is_part_of_its_key(tmp_path, monkeypatch):
     values = _matrix(5, (96, 80)).half().float()     # exactly representable in float16
-    variants = [
-        (torch.float16, SPEC),
-        (torch.float32, SPEC),                                       # same values, other stored dtype
-        (torch.bfloat16, SPEC),
+    variants = [          # sketches first: a spectrum at hand would serve them
         (torch.float16, SubspaceSpec(12, "randomized", oversample=8, power_iters=1, seed=0)),   # a sketch
         (torch.float16, SubspaceSpec(13, "randomized", oversample=8, power_iters=1, seed=0)),   # its rank
         (torch.float16, SubspaceSpec(12, "randomized", oversample=9, power_iters=1, seed=0)),   # sketch size
         (torch.float16, SubspaceSpec(12, "randomized", oversample=8, power_iters=2, seed=0)),   # power iterations
         (torch.float16, SubspaceSpec(12, "randomized", oversample=8, power_iters=1, seed=1)),   # sketch seed
-        (torch.float16, SubspaceSpec(12, "gram")),                  # the other spectrum method
+        (torch.float16, SPEC),
+        (torch.float32, SPEC),                                       # same values, other stored dtype
+        (torch.bfloat16, SPEC),
     ]
     cache = SubspaceCache(tmp_path)
     got = []
@@ -95,10 +94,14 @@ def test_every_input_of_a_basis_is_part_of_its_key(tmp_path, monkeypatch):
     conv = StateDictWeights({KEYS[0]: values.half().reshape(96, 20, 2, 2)}, architecture="sd1")
     cache.get(conv, KEYS[0], SPEC)
     assert cache.stats.computed == len(variants) + 1
-    # a spectrum serves every rank, and a sketch wider than the weight is its spectrum (no second copy)
+    # a spectrum serves every rank and the other spectrum method (one computation), and a sketch wider than the
+    # weight is its spectrum (no second copy)
     w16 = StateDictWeights({KEYS[0]: values.half()}, architecture="sd1")
-    assert cache.get(w16, KEYS[0], SubspaceSpec(40, "exact")) is got[0]
-    assert cache.get(w16, KEYS[0], SubspaceSpec(12, "randomized", oversample=80)) is got[-1]
+    spectrum16 = got[-3]
+    assert cache.get(w16, KEYS[0], SubspaceSpec(40, "exact")) is spectrum16
+    assert cache.get(w16, KEYS[0], SubspaceSpec(12, "gram")) is spectrum16
+    assert cache.get(w16, KEYS[0], SubspaceSpec(12, "randomized", oversample=80)) is spectrum16
+    assert cache.stats.computed == len(variants) + 1
     # a new algorithm version invalidates every entry on disk
     monkeypatch.setattr(subspaces, "ALGORITHM_VERSION", subspaces.ALGORITHM_VERSION + 1)
     fresh = SubspaceCache(tmp_path)

@@ -85,7 +85,7 @@ def test_a_sketch_is_a_seeded_estimate_of_the_top_subspace():
 
 @pytest.mark.parametrize("shape", [(640, 640), (1280, 320), (200, 900)])
 def test_gram_basis_is_close_to_exact_and_orthonormal(shape):
-    """The fast transfer's projection bases: float32 Gram, float64 eigendecomposition (subspaces.py)."""
+    """The fast transfer's projection bases: float64 Gram and eigendecomposition (subspaces.py)."""
     m, n = shape
     w = spectral_matrix(m, n, _gen(m + 2 * n)).half().float()     # fp16-stored, like checkpoint weights
     r = 160
@@ -97,6 +97,38 @@ def test_gram_basis_is_close_to_exact_and_orthonormal(shape):
         torch.testing.assert_close(x.T @ x, torch.eye(r), rtol=0, atol=2e-5)
         assert float((_proj(x, d) - p).norm() / p.norm()) < 2e-3
     torch.testing.assert_close(basis.s.double(), s, rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize("shape", [(640, 640), (1280, 640), (320, 1280)])
+def test_a_spectrums_other_side_is_float64_accurate_on_an_ill_conditioned_weight(shape):
+    """Both sides of a spectrum of a trained-looking weight (i^-0.2 bulk, s_1 / s_d = 1e4) against a float64 SVD:
+    every direction orthonormal and the top-r projectors within 1e-5. The side that is not eigendecomposed is
+    W V normalised in float64; a float32 product and QR there missed the projector by 6e-5."""
+    m, n = shape
+    w = trained_weight(m, n, exponent=0.2, cond=1e4, seed=5).float()
+    d, r = min(m, n), 160
+    pu, pv, s = _svd_projectors(w, r)
+    for method in ("gram", "exact"):
+        spectrum = compute_basis(w, SubspaceSpec(r, method))
+        for x in (spectrum.u, spectrum.v):
+            torch.testing.assert_close(x.T @ x, torch.eye(d), rtol=0, atol=2e-6)
+        basis = spectrum.top(r)
+        for x, p, dim in ((basis.u, pu, m), (basis.v, pv, n)):
+            assert float((_proj(x, dim) - p).norm() / p.norm()) < 1e-5
+        torch.testing.assert_close(basis.s.double(), s, rtol=1e-5, atol=0)
+
+
+def test_a_rank_deficient_weight_still_gets_an_orthonormal_spectrum():
+    """Directions of zero singular value have no W v / s to normalise: the QR makes them orthonormal too, and the
+    weight's own directions are still the exact ones."""
+    w = spectral_matrix(300, 40, _gen(4)) @ spectral_matrix(40, 200, _gen(5))      # rank 40 of 200
+    spectrum = compute_basis(w, SubspaceSpec(20, "gram"))
+    for x in (spectrum.u, spectrum.v):
+        torch.testing.assert_close(x.T @ x, torch.eye(200), rtol=0, atol=1e-5)
+    pu, pv, _ = _svd_projectors(w, 20)
+    basis = spectrum.top(20)
+    torch.testing.assert_close(_proj(basis.u, 300), pu, rtol=0, atol=1e-5)
+    torch.testing.assert_close(_proj(basis.v, 200), pv, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("sketch_dtype", ["float32", "bfloat16"])
@@ -181,21 +213,22 @@ def test_a_spectrum_at_hand_serves_a_sketchs_request(tmp_path):
 
 def test_key_follows_content_rank_and_method(tmp_path):
     cache = SubspaceCache(tmp_path)
+    for dt in ("float32", "bfloat16"):                                       # each sketch is its own entry
+        assert cache.get(_weights(0), KEY, SubspaceSpec(16, "randomized", oversample=4, sketch_dtype=dt)).estimate
     a = cache.get(_weights(0), KEY, SPEC)
     b = cache.get(_weights(1), KEY, SPEC)            # same key name, other values
     assert not torch.allclose(_proj(a.u, 64), _proj(b.u, 64), atol=1e-2)
     assert cache.get(_weights(0), KEY, SubspaceSpec(12, "exact")) is a     # a spectrum serves every rank
-    for dt in ("float32", "bfloat16"):                                       # each sketch is its own entry
-        assert cache.get(_weights(0), KEY, SubspaceSpec(16, "randomized", oversample=4, sketch_dtype=dt)).estimate
-    cache.get(_weights(0), KEY, SubspaceSpec(16, "gram"))
-    assert cache.stats.computed == 5 and len(_entries(tmp_path)) == 5
+    # "gram" and "exact" are one computation: either serves the other
+    assert cache.get(_weights(0), KEY, SubspaceSpec(16, "gram")) is a
+    assert cache.stats.computed == 4 and len(_entries(tmp_path)) == 4
     # a weight modified in place is hashed again: no stale basis
     tensors = {KEY: spectral_matrix(64, 48, _gen(0)).half()}
     weights = StateDictWeights(tensors, "sd1")
     before = cache.get(weights, KEY, SPEC)
     tensors[KEY].mul_(-1).add_(spectral_matrix(64, 48, _gen(9)).half())
     after = cache.get(weights, KEY, SPEC)
-    assert after is not before and cache.stats.computed == 6
+    assert after is not before and cache.stats.computed == 5
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "nan", "swap"])

@@ -16,8 +16,8 @@ Two steps, callable separately (the ComfyUI nodes do) or together (:func:`transf
    weight combined.
 
 ``method="fast"`` (default) screens with sketches (bfloat16 products where the hardware has them), and scores
-exactly and projects with "gram" spectra (float64 Gram eigendecomposition). ``method="exact"`` has no estimates:
-every candidate a decision needs is scored from "exact" spectra (float64 throughout).
+exactly and projects with whole spectra (float64 throughout; subspaces.py). ``method="exact"`` has no estimates:
+every candidate a decision needs is scored from such spectra.
 
 Work runs stage by stage (side, width): a stage's source bases are held, its target candidates stream through
 one at a time, so memory stays at one stage plus the cache's LRU budget. Long loops call ``progress(done, total)``
