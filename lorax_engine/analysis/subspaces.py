@@ -10,7 +10,7 @@ singular triplets. Two kinds of result, both float32 on the CPU:
   top-320 projector of trained-looking weights (slow bulk, s_1 / s_r up to 1e4) by 1e-2 to 0.7 relative. The
   other side is ``W V`` (or ``W^T U``) in float64 with its columns normalised (a QR only for a weight with
   numerically zero singular values), for both methods: the names differ only in what the transfer does with them,
-  and either serves a request for the other. Its top-r part (:meth:`Spectrum.top`) is the exact top-r
+  and one cache entry serves both. Its top-r part (:meth:`Spectrum.top`) is the exact top-r
   :class:`Basis` that §1's scores and the paper's Eq. 3 use; the whole spectrum is what §2c's soft operators
   need (projection/operators.py). It does not depend on r, so one entry serves every rank.
 * :class:`Basis` (method ``"randomized"``): a sketch of the top-r subspaces, to screen candidates cheaply: a
@@ -227,12 +227,20 @@ def _orth_fast(x: torch.Tensor) -> torch.Tensor:
     return torch.linalg.solve_triangular(chol.to(x.dtype).T, x, upper=True, left=False)   # X L^-T
 
 
+def _unit_columns(x: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
+    """``x``'s columns, orthogonal already (``W V``: the other side of singular vectors, times their values),
+    divided by their ``norms``; a QR instead where some norm is (numerically) 0, which makes those directions
+    orthonormal too."""
+    if not bool(torch.isfinite(norms).all()) or float(norms.min()) <= float(norms.max()) * 1e-6:
+        return _orth(x)
+    return x / norms
+
+
 def _spectrum(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(u, v, s)`` of every triplet of ``w``: the float64 eigendecomposition of the smaller Gram, the other side
     ``W V`` (or ``W^T U``) in float64 with unit columns. Those columns are orthogonal already (``W v_i = s_i u_i``) to
     ~eps64 s_1 / s_i, so normalising replaces a QR (on one core a 10240 x 1280 weight's float64 QR took 2.8 s, the
-    rest of its spectrum 2.6 s); a weight with (numerically) zero singular values takes the QR, which makes those
-    directions orthonormal too."""
+    rest of its spectrum 2.6 s); a weight with (numerically) zero singular values takes the QR."""
     m, n = w.shape
     tall = m >= n
     wd = w.double()
@@ -241,11 +249,7 @@ def _spectrum(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     s = evals.flip(0).clamp_min(0).sqrt()
     big = (wd if tall else wd.T) @ small
     del wd
-    norms = torch.linalg.vector_norm(big, dim=0)
-    if not bool(torch.isfinite(norms).all()) or float(norms.min()) <= float(norms.max()) * 1e-6:
-        big = _orth(big)
-    else:
-        big = big / norms
+    big = _unit_columns(big, torch.linalg.vector_norm(big, dim=0))
     u, v = (big, small) if tall else (small, big)
     return u.float(), v.float(), s.float()
 
@@ -285,11 +289,7 @@ def _randomized(w: torch.Tensor, spec: SubspaceSpec):
     ub = evecs[:, -spec.rank:].flip(-1).to(device=w.device, dtype=torch.float32)
     s = evals[-spec.rank:].flip(0).clamp_min(0).sqrt().to(device=w.device, dtype=torch.float32)
     # (Q^T W)^T ub has orthogonal columns of norms s (ub are eigenvectors of its Gram): scaling replaces a QR
-    bu = bt @ ub
-    v = bu / s.clamp_min(torch.finfo(torch.float32).tiny)
-    if not bool(torch.isfinite(v).all()) or float(s[-1]) <= float(s[0]) * 1e-6:
-        v = _orth(bu)                               # (numerically) rank-deficient sketch
-    return q @ ub, v, s
+    return q @ ub, _unit_columns(bt @ ub, s), s
 
 
 def compute_basis(w: torch.Tensor, spec: SubspaceSpec, device="cpu") -> Basis | Spectrum:
@@ -310,7 +310,9 @@ def compute_basis(w: torch.Tensor, spec: SubspaceSpec, device="cpu") -> Basis | 
 def cache_key(fingerprint: str, shape: tuple[int, int], spec: SubspaceSpec) -> str:
     """Everything a basis depends on, as one string (its sha256 names the disk entry)."""
     eff = spec.effective(*shape)
-    return f"lorax-subspace-v{ALGORITHM_VERSION}|{fingerprint}|{shape[0]}x{shape[1]}|{eff.describe()}|float32"
+    # "gram" and "exact" are one computation (_spectrum): one entry serves both
+    kind = f"spectrum(d={eff.rank})" if eff.method in SPECTRUM_METHODS else eff.describe()
+    return f"lorax-subspace-v{ALGORITHM_VERSION}|{fingerprint}|{shape[0]}x{shape[1]}|{kind}|float32"
 
 
 def matrix_shape(shape) -> tuple[int, int]:
@@ -403,9 +405,8 @@ class SubspaceCache:
             shape = matrix_shape(weights.shape(key))
             fingerprint = weights.fingerprint(key)
             self.stats.read_seconds += time.perf_counter() - t0
-            # a spectrum at hand serves a sketch's request (it is exact), and "gram" and "exact" are one computation
-            tries = [spec] + [SubspaceSpec(spec.rank, method) for method in sorted(SPECTRUM_METHODS)
-                              if method != spec.method]
+            # a spectrum at hand serves a sketch's request: it is exact
+            tries = [spec] if spec.effective(*shape).method != "randomized" else [spec, SubspaceSpec(spec.rank)]
             for s in tries:
                 found = self._lookup(cache_key(fingerprint, shape, s), shape, s)
                 if found is not None:
