@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -155,6 +156,33 @@ def test_errors_are_one_line_without_traceback(sd15_path, tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr
     assert proc.stderr.startswith("error: ") and "missing.safetensors" in proc.stderr
+
+
+def test_the_command_delivers_all_it_says_and_writes_though_it_exits_without_teardown(sd15_path, finetune_path,
+                                                                                      tmp_path, capsys):
+    """``python -m lorax_engine`` leaves by ``os._exit`` (no interpreter teardown): its piped, block-buffered stdout
+    and its files must still arrive whole, with the exit status of ``main``. Both runs are cold (caches of their own),
+    so their reports agree."""
+    lora_path = _write_lora(tmp_path / "style.safetensors")
+    args = ["transfer", "--source-model", sd15_path, "--target-model", finetune_path, "--lora", str(lora_path),
+            "--table", "--quiet"]
+    run = lambda name: ["--out", str(tmp_path / f"{name}.safetensors"), "--report", str(tmp_path / f"{name}.json"),  # noqa: E731
+                        "--cache-dir", str(tmp_path / f"{name}_cache")]
+    buffered = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}   # as users run it
+    proc = subprocess.run([sys.executable, "-m", "lorax_engine", *args, *run("cli")], capture_output=True, text=True,
+                          env=buffered, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert main([*args, *run("in")]) == 0
+    in_process = capsys.readouterr().out.replace(str(tmp_path / "in."), str(tmp_path / "cli."))
+    timeless = lambda text: re.sub(r"\d+\.\d s\b", "_ s", text)  # noqa: E731
+    assert timeless(proc.stdout) == timeless(in_process)
+    assert proc.stdout.rstrip().splitlines()[-1].startswith(f"wrote {tmp_path / 'cli.safetensors'}: 4/4 layers")
+    assert json.loads((tmp_path / "cli.json").read_text())["layers"] == \
+        json.loads((tmp_path / "in.json").read_text())["layers"]
+    written, expected = read_lora(tmp_path / "cli.safetensors"), read_lora(tmp_path / "in.safetensors")
+    assert sorted(written.layers) == sorted(expected.layers) == sorted(KEYS)
+    for key, layer in expected.layers.items():
+        torch.testing.assert_close(written.layers[key].delta(), layer.delta(), rtol=0, atol=0)
 
 
 def test_nothing_to_write_and_bad_options_are_clear_errors(sd15_path, zoo, cache_dir, tmp_path, capsys):
