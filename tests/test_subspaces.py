@@ -13,7 +13,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from lorax_engine.analysis.subspaces import SubspaceCache, SubspaceSpec, compute_basis
+from lorax_engine.analysis.subspaces import SubspaceCache, SubspaceSpec, _gram_lower, compute_basis
 from lorax_engine.errors import LoraFileError, TransferOptionError
 from lorax_engine.files.base_weights import CheckpointWeights, StateDictWeights, tensor_fingerprint
 from lorax_engine.files.safetensors_file import SafetensorsFile
@@ -129,6 +129,19 @@ def test_a_rank_deficient_weight_still_gets_an_orthonormal_spectrum():
     basis = spectrum.top(20)
     torch.testing.assert_close(_proj(basis.u, 300), pu, rtol=0, atol=1e-5)
     torch.testing.assert_close(_proj(basis.v, 200), pv, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(50, 7), (9, 1), (300, 104), (40, 130)])
+def test_the_blockwise_gram_is_what_eigh_reads_of_the_full_one(shape):
+    """Spectra and sketches eigendecompose a Gram built on and below the diagonal only (``eigh`` reads that part):
+    it must equal the full product there, for widths the blocks do not divide, and give its eigenpairs."""
+    x = torch.randn(*shape, generator=_gen(6), dtype=torch.float64)
+    full = x.T @ x
+    lower = _gram_lower(x)
+    torch.testing.assert_close(torch.tril(lower), torch.tril(full), rtol=1e-12, atol=1e-12)
+    evals, evecs = torch.linalg.eigh(lower)
+    torch.testing.assert_close(evals, torch.linalg.eigvalsh(full), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(evecs * evals @ evecs.T, full, rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("sketch_dtype", ["float32", "bfloat16"])

@@ -236,6 +236,19 @@ def _unit_columns(x: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
     return x / norms
 
 
+def _gram_lower(x: torch.Tensor, blocks: int = 4) -> torch.Tensor:
+    """``x^T x`` on and below the diagonal (all that ``eigh`` reads; 0 above the diagonal blocks), by column blocks:
+    10 of the 16 block products with 4 blocks. torch has no symmetric product, and a full one does twice the work: on
+    one core the float64 Gram of a 10240 x 1280 weight took 0.67 s in full, 0.44 s this way (1280 x 1280: 0.083 ->
+    0.056 s; a sketch's float32 10240 x 416 Ritz Gram 35 -> 26 ms)."""
+    n = x.shape[1]
+    step = -(-n // blocks)
+    gram = torch.zeros(n, n, dtype=x.dtype, device=x.device)
+    for i in range(0, n, step):
+        gram[i:, i:i + step] = x[:, i:].T @ x[:, i:i + step]
+    return gram
+
+
 def _spectrum(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(u, v, s)`` of every triplet of ``w``: the float64 eigendecomposition of the smaller Gram, the other side
     ``W V`` (or ``W^T U``) in float64 with unit columns. Those columns are orthogonal already (``W v_i = s_i u_i``) to
@@ -244,7 +257,7 @@ def _spectrum(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     m, n = w.shape
     tall = m >= n
     wd = w.double()
-    evals, evecs = torch.linalg.eigh(wd.T @ wd if tall else wd @ wd.T)
+    evals, evecs = torch.linalg.eigh(_gram_lower(wd if tall else wd.T))
     small = evecs.flip(-1)
     s = evals.flip(0).clamp_min(0).sqrt()
     big = (wd if tall else wd.T) @ small
@@ -285,7 +298,7 @@ def _randomized(w: torch.Tensor, spec: SubspaceSpec):
     # Rayleigh-Ritz with float32 products and a float64 Gram: bfloat16 here would cap the accuracy at bfloat16's
     # rounding of W, and a float32 Gram moved similarities by up to 0.008
     bt = w.T @ q
-    evals, evecs = torch.linalg.eigh((bt.T @ bt).double())
+    evals, evecs = torch.linalg.eigh(_gram_lower(bt).double())
     ub = evecs[:, -spec.rank:].flip(-1).to(device=w.device, dtype=torch.float32)
     s = evals[-spec.rank:].flip(0).clamp_min(0).sqrt().to(device=w.device, dtype=torch.float32)
     # (Q^T W)^T ub has orthogonal columns of norms s (ub are eigenvectors of its Gram): scaling replaces a QR
