@@ -24,8 +24,9 @@ singular triplets. Two kinds of result, both float32 on the CPU:
   as large as the weight (``r + oversample >= d``) the spectrum is computed instead.
 
 Cost per weight on one core of the 2-core VMs (AVX512-BF16; bfloat16 sketch, q = 1): sketch 1280 x 1280 ~0.1 s,
-10240 x 1280 ~0.4-0.5 s; spectrum 1280 x 1280 ~0.6 s (most of it the float64 eigendecomposition), 10240 x 1280
-~2.0 s and 1280 x 5120 ~1.4 s on an AMD EPYC (2026-12-04; 2.6 s and 1.5 s with the QR this replaced).
+10240 x 1280 ~0.4-0.5 s; spectrum 1280 x 1280 ~0.5 s (most of it the float64 eigendecomposition), 10240 x 1280
+~1.8 s and 1280 x 5120 ~1.2 s on an AMD EPYC (2026-12-04; 2.6 s and 1.5 s with the QR of W V, 2.0 s and 1.4 s with a
+full Gram product).
 
 Cache (:class:`SubspaceCache`): an in-memory LRU bounded in bytes plus an optional on-disk cache. The key
 is the weight's content fingerprint (sha256 of its stored bytes, dtype and shape; see
