@@ -166,8 +166,11 @@ def test_the_command_delivers_all_it_says_and_writes_though_it_exits_without_tea
     lora_path = _write_lora(tmp_path / "style.safetensors")
     args = ["transfer", "--source-model", sd15_path, "--target-model", finetune_path, "--lora", str(lora_path),
             "--table", "--quiet"]
-    run = lambda name: ["--out", str(tmp_path / f"{name}.safetensors"), "--report", str(tmp_path / f"{name}.json"),  # noqa: E731
-                        "--cache-dir", str(tmp_path / f"{name}_cache")]
+
+    def run(name):
+        return ["--out", str(tmp_path / f"{name}.safetensors"), "--report", str(tmp_path / f"{name}.json"),
+                "--cache-dir", str(tmp_path / f"{name}_cache")]
+
     buffered = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}   # as users run it
     proc = subprocess.run([sys.executable, "-m", "lorax_engine", *args, *run("cli")], capture_output=True, text=True,
                           env=buffered, timeout=300)

@@ -257,12 +257,12 @@ def _spectrum(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     rest of its spectrum 2.6 s); a weight with (numerically) zero singular values takes the QR."""
     m, n = w.shape
     tall = m >= n
-    wd = w.double()
-    evals, evecs = torch.linalg.eigh(_gram_lower(wd if tall else wd.T))
+    tall_w = w.double() if tall else w.double().T     # W or W^T, whichever is tall: its Gram is the smaller one
+    evals, evecs = torch.linalg.eigh(_gram_lower(tall_w))
     small = evecs.flip(-1)
     s = evals.flip(0).clamp_min(0).sqrt()
-    big = (wd if tall else wd.T) @ small
-    del wd
+    big = tall_w @ small
+    del tall_w
     big = _unit_columns(big, torch.linalg.vector_norm(big, dim=0))
     u, v = (big, small) if tall else (small, big)
     return u.float(), v.float(), s.float()
