@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from lorax_engine.analysis.similarity import layer_similarity
@@ -130,6 +131,59 @@ def test_a_q_whose_bound_fails_everywhere_spares_its_k_any_basis():
     assert report.work == {"candidate_pairs": 4, "identical_by_value": 0, "decided_on_estimate": 2,
                            "scored_exactly": 0, "not_needed": 2}
     assert cache.stats.computed == 3
+
+
+def _sketches(cache: SubspaceCache) -> int:
+    return sum("randomized(" in key for key in cache._lru)
+
+
+def _threshold_off(source_weights, target_weights, method="fast"):
+    """A rank-4 LoRA on the source's one layer (input_blocks.8.1's q), carried with the threshold off."""
+    key = TB.format(8, "attn1.to_q")
+    g = _gen(2)
+    lora = LoraModel({key: LoraLayer(torch.randn(1280, 4, generator=g), torch.randn(4, 1280, generator=g), 4.0,
+                                     (1280, 1280))}, "sd1")
+    cache = SubspaceCache()
+    out, report = transfer(lora, StateDictWeights({key: source_weights.float()}, "sd1", "s"),
+                           StateDictWeights({TB.format(7, "attn1.to_q"): target_weights[0].float(),
+                                             key: target_weights[1].float()}, "sd1", "t"),
+                           TransferOptions(threshold=-math.inf, method=method), cache=cache)
+    return out, report, cache
+
+
+def test_with_the_threshold_off_unrelated_candidates_are_scored_exactly_without_a_sketch():
+    """SD1.5 -> SDXL with the threshold off: every candidate may lead, and a sketch of an unrelated pair leaves a bound
+    above the leader's exact score, so it could rank nothing out. No sketch is computed: the source's own block first,
+    then the other, each scored exactly from spectra, and the choice is the one --exact makes."""
+    ws, wt = weight_pair("unrelated", 1280, 1280, exponent=0.3, cond=1e3, seed=4)
+    other = weight_pair("unrelated", 1280, 1280, exponent=0.3, cond=1e3, seed=5)[1]
+    out, report, cache = _threshold_off(ws, (other, wt))
+    assert report.work == {"candidate_pairs": 2, "identical_by_value": 0, "decided_on_estimate": 0,
+                           "scored_exactly": 2, "not_needed": 0}
+    assert _sketches(cache) == 0 and cache.stats.computed == 3          # the spectra of the source and both targets
+    assert all(c.energy_in_target is not None and not c.energy_from_sketch for c in report.layers[0].candidates)
+    exact_out, exact_report, _ = _threshold_off(ws, (other, wt), method="exact")
+    assert list(out.layers) == list(exact_out.layers) and len(out.layers) == 1
+    for got, want in zip(report.layers[0].candidates, exact_report.layers[0].candidates, strict=True):
+        assert got.similarity["score"] == pytest.approx(want.similarity["score"], abs=1e-6)
+
+
+def test_with_the_threshold_off_a_fine_tunes_own_block_leads_and_sketches_rule_the_others_out():
+    """An identity layout (a 3% fine-tune of the source), threshold off: the block of the source's own name is
+    scored exactly first (though it comes second in model order) and leads by far, so the other block is ruled
+    out by its sketch's bound, with no spectrum."""
+    ws, wt = weight_pair("finetune", 1280, 1280, exponent=0.3, cond=1e3, seed=4, drift=0.03)
+    other = weight_pair("unrelated", 1280, 1280, exponent=0.3, cond=1e3, seed=5)[1]
+    out, report, cache = _threshold_off(ws, (other, wt))
+    own = TB.format(8, "attn1.to_q")
+    assert list(out.layers) == [own]
+    assert report.work == {"candidate_pairs": 2, "identical_by_value": 0, "decided_on_estimate": 1,
+                           "scored_exactly": 1, "not_needed": 0}
+    assert _sketches(cache) == 1 and cache.stats.computed == 3     # the other block's sketch; two spectra
+    ruled_out = next(c for c in report.layers[0].candidates if not c.applied)
+    assert ruled_out.similarity["estimate"] and ruled_out.energy_from_sketch
+    applied = next(c for c in report.layers[0].candidates if c.applied)
+    assert ruled_out.similarity["score_upper_bound"] < applied.similarity["score"]
 
 
 def _related(base: torch.Tensor, amount: float, seed: int) -> torch.Tensor:

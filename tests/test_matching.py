@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import replace
 
 import pytest
 import torch
@@ -212,6 +213,31 @@ def test_estimates_only_rule_candidates_out_and_what_may_pass_or_lead_is_scored_
     # identical weights win over any other exact score of 1
     same = _choices({V: {a: _exact(1.0), b: _exact(1.0, identical=True)}})
     assert decide(same, "best", 0.05).chosen == {V: {b: 1.0}}
+
+
+def test_pairs_screening_cannot_settle_are_scored_exactly_at_once():
+    """With the threshold off, a screening estimate can only rank a block out below the leader's exact score, which a
+    sketch scoring at chance does not reach (its bound, the floor, is above it): such pairs go straight to exact
+    scores (``score_now``), the source's own block first; above a leader that scores well they are screened."""
+    floor = 0.018                                   # screening_floor of a 1280-wide pair at r = 320
+    own, a, b = Q, _target(Q, "input_blocks.2.1"), _target(Q, "input_blocks.7.1")     # a comes first in model order
+    unknown = replace(UNKNOWN, floor=floor)
+    first = decide(_choices({Q: {a: unknown, own: unknown, b: unknown}}), "best", -math.inf)
+    assert first.needs == first.score_now == {(Q, own)}
+    low_leader = decide(_choices({Q: {a: unknown, own: _exact(0.001), b: unknown}}), "best", -math.inf)
+    assert low_leader.needs == low_leader.score_now == {(Q, a), (Q, b)}
+    high_leader = decide(_choices({Q: {a: unknown, own: _exact(0.9), b: unknown}}), "best", -math.inf)
+    assert high_leader.needs == {(Q, a), (Q, b)} and not high_leader.score_now
+    # what is screened already goes to exact scores the usual way, not "at once"
+    estimates = decide(_choices({Q: {a: Evidence(0.3), own: _exact(0.001), b: unknown}}), "best", -math.inf)
+    assert estimates.needs == {(Q, a), (Q, b)} and estimates.score_now == {(Q, b)}
+    # a threshold above the floor can fail a sketched pair: screened first, as before
+    assert not decide(_choices({Q: {a: unknown, own: unknown}}), "best", 0.05).score_now
+    assert not decide(_choices({Q: {a: unknown, own: unknown}}), "all-above-threshold", 0.05).score_now
+    spread = decide(_choices({Q: {a: unknown, own: unknown}}), "spread", -math.inf)
+    assert spread.needs == spread.score_now == {(Q, a), (Q, own)}
+    # with a floor that is not known (0), screening may rank any block out: screened first, as before
+    assert not decide(_choices({Q: {a: UNKNOWN, own: _exact(0.001)}}), "best", -math.inf).score_now
 
 
 @pytest.mark.parametrize("policy", ["best", "all-above-threshold", "spread"])

@@ -36,7 +36,14 @@ Decisions are made on evidence (:class:`Evidence`: the most the exact score can 
 estimate only rules a candidate out, and whatever may pass or lead is scored exactly first; :func:`decide` names
 the pairs to refine (METHOD §2b). Pairs nothing is known of are asked for as the decisions need them: a q/k pair one
 member at a time, q first, since one member below the threshold fails both and the other then needs no basis (on
-unrelated weights this spares every k its sketch).
+unrelated weights this spares every k its sketch). A pair whose screening could settle nothing is asked to be scored
+exactly at once (:attr:`Decisions.score_now`): a screening estimate fails a pair only where its bound falls below
+the threshold, and rules a ``best`` unit out only where its block score falls below the leader's exact one, which
+is not to be expected where even a sketch scoring at chance leaves a bound above them (:attr:`Evidence.floor`).
+With the threshold off and targets unrelated to the source (SD1.5 -> SDXL), every candidate a decision needs is
+then scored exactly without first being sketched for nothing; ``best`` scores the target unit of the source's own
+name first, the likely leader of an identity layout (a fine-tune), above which the other units' sketches do rule
+them out. This decides only how a pair's evidence is sought; the decisions rest on the same exact scores.
 
 Default threshold 0.05, on the chance-normalised score. Chance-level scores of independent r-dimensional
 subspaces of R^d have standard deviation about sqrt(2) / d (measured: 0.0022 at d = 640, 0.0011 at 1280), so
@@ -242,13 +249,21 @@ class Evidence:
     """What is known of one candidate pair's normalised score: it is at most ``hi``; ``exact``: it is ``hi``
     (exact subspaces or identical weights). Decisions use an estimate only to rule a pair out: whatever may pass
     or lead is scored exactly first (its spectra are needed to project it anyway). Nothing known yet
-    (:data:`UNKNOWN`): ``hi`` 1, ``known`` False."""
+    (:data:`UNKNOWN`): ``hi`` 1, ``known`` False; ``floor``: the ``hi`` that screening can be expected to leave (the
+    bound of a sketch scoring at chance; 0 where that is not known)."""
 
     hi: float = 1.0
     exact: bool = False
     identical: bool = False
     unscored: bool = False
     known: bool = True
+    floor: float = 0.0
+
+    @property
+    def least(self) -> float:
+        """The upper bound the pair can be expected to have before it is scored exactly: ``hi``, or ``floor`` while
+        unknown."""
+        return self.hi if self.known else min(self.hi, self.floor)
 
 
 UNKNOWN = Evidence(known=False)
@@ -267,11 +282,21 @@ class LayerChoice:
 @dataclass
 class Decisions:
     """``chosen``: source key -> {target key: strength}; ``reasons``: source key -> {target key: why not};
-    ``needs``: (source, target) pairs whose evidence must improve before the rest can be decided."""
+    ``needs``: (source, target) pairs whose evidence must improve before the rest can be decided; ``score_now``:
+    those of them nothing is known of that screening could not settle, to score exactly at once."""
 
     chosen: dict[str, dict[str, float]] = field(default_factory=dict)
     reasons: dict[str, dict[str, str]] = field(default_factory=dict)
     needs: set[tuple[str, str]] = field(default_factory=set)
+    score_now: set[tuple[str, str]] = field(default_factory=set)
+
+    def ask(self, pairs, layers: dict[str, LayerChoice], threshold: float, screening_may_rank: bool = False):
+        """Add ``pairs`` to ``needs``; those unknown whose screening is not expected to fail them on the threshold
+        (``floor >= threshold``) nor, with ``screening_may_rank``, to rank their unit out, to ``score_now`` too."""
+        self.needs |= pairs
+        if not screening_may_rank:
+            self.score_now |= {(s, t) for s, t in pairs
+                               if not layers[s].candidates[t].known and layers[s].candidates[t].floor >= threshold}
 
 
 # an attention's q and k only make sense as a pair (their product is the attention map): one decision for both
@@ -327,10 +352,11 @@ def _test(group, units_of, layers, unit, threshold) -> tuple[str, dict[str, str]
     return (OPEN, {}, unsure) if unsure else (PASS, {}, set())
 
 
-def _block_score(unit_layers, units_of, layers, target_unit) -> tuple[float, bool, bool]:
+def _block_score(unit_layers, units_of, layers, target_unit, least: bool = False) -> tuple[float, bool, bool]:
     """``best``'s block score of a target unit, the LoRA-energy-weighted mean of the layers' scores (a role the unit
-    lacks scores 0): ``(upper bound, exact, every layer on identical weights)``. Unscored pairs (every candidate
-    scores 1) count only when no layer of the unit has an informative pair."""
+    lacks scores 0): ``(upper bound, exact, every layer on identical weights)``; ``least``: the upper bound screening
+    can be expected to leave (:attr:`Evidence.least`). Unscored pairs (every candidate scores 1) count only when no
+    layer of the unit has an informative pair."""
     used = [s for s in unit_layers if any(not ev.unscored for ev in layers[s].candidates.values())] or unit_layers
     total = sum(layers[s].weight for s in used)
     hi, exact, identical = 0.0, True, True
@@ -338,7 +364,7 @@ def _block_score(unit_layers, units_of, layers, target_unit) -> tuple[float, boo
         weight = layers[s].weight / total if total > 0 else 1.0 / len(used)
         t = units_of[s].get(target_unit)
         ev = layers[s].candidates[t] if t is not None else Evidence(0.0, True)
-        hi += weight * ev.hi
+        hi += weight * (ev.least if least else ev.hi)
         exact, identical = exact and ev.exact, identical and ev.identical
     return hi, exact, identical
 
@@ -361,8 +387,8 @@ def _best_unit(unit, unit_layers, groups, units_of, layers, threshold, out: Deci
         pending = [tu for tu in pending if scored[tu][0] > best or (scored[tu][0] == best and not identical)]
         if not pending:
             return leader, False
-    else:
-        pending = [max(pending, key=lambda tu: scored[tu][0])]
+    else:       # the most promising unit; among equals the source's own name, the likely leader of an identity layout
+        pending = [max(pending, key=lambda tu: (scored[tu][0], tu == unit))]
     for tu in pending:
         # the pairs of groups that may still pass first (a q/k pair one member at a time), the block score's other
         # layers only once no group is open there: where those pairs fail everywhere, no block needs ranking
@@ -370,7 +396,9 @@ def _best_unit(unit, unit_layers, groups, units_of, layers, threshold, out: Deci
         if not asks:
             asks = {(s, t) for s in unit_layers
                     if (t := units_of[s].get(tu)) is not None and not layers[s].candidates[t].exact}
-        out.needs |= asks
+        # screening ranks this unit out only where its block score can fall below the leader's exact one
+        out.ask(asks, layers, threshold, screening_may_rank=leader is not None and
+                _block_score(unit_layers, units_of, layers, tu, least=True)[0] < scored[leader][0])
     return None, True
 
 
@@ -390,7 +418,7 @@ def _apply_groups(groups, units_of, layers, allowed, threshold, spread, out: Dec
         results = {tu: _test(group, units_of, layers, tu, threshold) for tu in units}
         still = set().union(*(r[2] for r in results.values())) if results else set()
         if still:
-            out.needs |= still
+            out.ask(still, layers, threshold)
             continue
         passing = [tu for tu in units if results[tu][0] == PASS]
         strength = 1.0 / len(passing) if spread and passing else 1.0

@@ -185,6 +185,14 @@ def side_upper_bound(side: SideScore, dim: int) -> float:
     return min(up / SKETCH_SHRINK_MIN_LOW, LOW_SCORE)
 
 
+def screening_floor(source_shape: tuple[int, int], rank: int) -> float:
+    """The upper bound a screening estimate leaves a pair with an ``[m, n]`` source weight whose sketches score at
+    chance (normalised 0 on both sides), by the envelope above: 0.018 at 1280 wide, 0.035 at 640 (r = 320). A
+    decision that needs the exact score below this is not to be settled by screening the pair (only a sketch scoring
+    4 standard deviations below chance leaves less). A side that r covers whole tells nothing (1)."""
+    return min(side_upper_bound(SideScore(0.0, 0.0, 0.0), dim) if rank < dim else 1.0 for dim in source_shape)
+
+
 def layer_similarity(source: Basis, target: Basis) -> LayerSimilarity:
     """Similarity of a source and a target layer from their top-r bases (output widths must agree); with an
     estimate among them, the upper bound of the exact score too."""

@@ -61,6 +61,7 @@ from ..analysis.similarity import (
     identical_after_cast,
     identical_pair_similarity,
     layer_similarity,
+    screening_floor,
     similarity_dict,
 )
 from ..analysis.subspaces import (
@@ -475,28 +476,33 @@ _STALE_METADATA = ("ss_base_model_version", "ss_network_dim", "ss_network_alpha"
                    "ss_network_args", "modelspec.", "lorax.")
 
 
-def _evidence(sim: LayerSimilarity | None) -> Evidence:
+def _evidence(sim: LayerSimilarity | None, floor: float) -> Evidence:
     if sim is None:
-        return UNKNOWN
+        return replace(UNKNOWN, floor=floor)
     return Evidence(sim.upper, not sim.estimate, sim.identical, sim.unscored)
 
 
 def _decide(smap: SubspaceMap, opts: TransferOptions, lora: LoraModel, live: list[str], energies: dict[str, float],
             steps: _Steps):
     """Decisions on evidence that settles them: the pairs a decision needs are screened (unknown) or scored exactly
-    (estimates), and the decision made again (module docstring)."""
+    (estimates, and unknown pairs that screening could not settle), and the decision made again (module
+    docstring)."""
+    floors = {k: {t: screening_floor(matrix_shape(smap.entries[k].candidates.source_shape), opts.rank)
+                  for t, _ in smap.entries[k].candidates.targets} for k in live}
     while True:
         layers = {k: LayerChoice(smap.entries[k].candidates.source, energies[k],
-                                 {t: _evidence(smap.entries[k].similarities.get(t))
+                                 {t: _evidence(smap.entries[k].similarities.get(t), floors[k][t])
                                   for t, _ in smap.entries[k].candidates.targets}) for k in live}
         decisions = decide(layers, opts.policy, opts.threshold)
         if not decisions.needs:
             return decisions
-        unknown = sorted(p for p in decisions.needs if p[1] not in smap.entries[p[0]].similarities)
-        if unknown:
-            _score_pairs(smap, unknown, opts.screening_spec(), steps, lora)
-        else:
-            _score_pairs(smap, sorted(decisions.needs), opts.exact_spec(), steps)
+        screen = sorted(p for p in decisions.needs - decisions.score_now
+                        if p[1] not in smap.entries[p[0]].similarities)
+        if screen:
+            _score_pairs(smap, screen, opts.screening_spec(), steps, lora)
+        exact = decisions.score_now if screen else decisions.needs
+        if exact:
+            _score_pairs(smap, sorted(exact), opts.exact_spec(), steps, lora)
 
 
 # --------------------------------------------------------------------------------------------- projection
