@@ -11,7 +11,9 @@ Two steps, callable separately (the ComfyUI nodes do) or together (:func:`transf
    evidence (METHOD §2b): an estimate only rules a pair out, by its upper bound; whatever may pass the threshold or
    lead a block is scored exactly (whole spectra, subspaces.py; its spectra are needed to project it anyway), and
    the decision made again, until every decision stands on evidence that settles it. Candidates whose upper bound
-   is below the threshold, or below the leading block's exact score, never get an exact score. Applied pairs are
+   is below the threshold, or below the leading block's exact score, never get an exact score; candidates whose
+   screening could settle nothing (the threshold off, and a leader scoring below the bound a sketch at chance
+   leaves, as unrelated SD1.5 and SDXL weights do) are scored exactly without a sketch first. Applied pairs are
    then projected on the factors (operators.py) with the spectra of both weights, several updates of one target
    weight combined.
 
