@@ -263,7 +263,7 @@ class Evidence:
     def least(self) -> float:
         """The upper bound the pair can be expected to have before it is scored exactly: ``hi``, or ``floor`` while
         unknown."""
-        return self.hi if self.known else min(self.hi, self.floor)
+        return self.hi if self.known else self.floor
 
 
 UNKNOWN = Evidence(known=False)

@@ -489,11 +489,10 @@ def _decide(smap: SubspaceMap, opts: TransferOptions, lora: LoraModel, live: lis
     """Decisions on evidence that settles them: the pairs a decision needs are screened (unknown) or scored exactly
     (estimates, and unknown pairs that screening could not settle), and the decision made again (module
     docstring)."""
-    floors = {k: {t: screening_floor(matrix_shape(smap.entries[k].candidates.source_shape), opts.rank)
-                  for t, _ in smap.entries[k].candidates.targets} for k in live}
+    floors = {k: screening_floor(matrix_shape(smap.entries[k].candidates.source_shape), opts.rank) for k in live}
     while True:
         layers = {k: LayerChoice(smap.entries[k].candidates.source, energies[k],
-                                 {t: _evidence(smap.entries[k].similarities.get(t), floors[k][t])
+                                 {t: _evidence(smap.entries[k].similarities.get(t), floors[k])
                                   for t, _ in smap.entries[k].candidates.targets}) for k in live}
         decisions = decide(layers, opts.policy, opts.threshold)
         if not decisions.needs:
