@@ -108,6 +108,11 @@ def test_transfer_writes_lora_report_and_plot_and_reuses_the_cache(sd15_path, fi
     assert again["cache"]["similarity"]["computed"] == 0 and again["cache"]["projection"]["computed"] == 0
     assert again["cache"]["projection"]["disk_hits"] + again["cache"]["projection"]["memory_hits"] >= 8
     assert again["work"] == data["work"]
+    # what the report says of the applied pairs does not depend on what the cache held
+    applied = [{(layer["source_key"], c["target_key"]): (c["similarity"], c["energy_in_target"], c["energy_kept"])
+                for layer in run["layers"] for c in layer["candidates"] if c["applied"]} for run in (data, again)]
+    assert applied[0] == applied[1] and len(applied[0]) == 4
+    assert all(energy is not None and 0 < energy <= 1 for _, energy, _ in applied[0].values())
 
 
 def test_similarity_command_writes_map_and_plot(sd15_path, cache_dir, tmp_path, capsys):

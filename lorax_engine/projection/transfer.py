@@ -668,6 +668,10 @@ def _project_assignments(smap: SubspaceMap, opts: TransferOptions, lora: LoraMod
                     c.energy_kept, c.change = 1.0, 0.0
                 else:
                     c.energy_kept, c.change = energy_fraction(layer, out), relative_change(layer, out)
+                if spectrum_t is not None and (c.energy_in_target is None or c.energy_from_sketch):
+                    # the target's spectrum is at hand in every run, warm ones too: an applied pair always shows it
+                    c.energy_in_target = projected_energy(layer, spectrum_t.top(opts.rank))
+                    c.energy_from_sketch = False
                 parts.append((out, strength))
             combined = combine(parts, shape)
             cap_kept = 1.0

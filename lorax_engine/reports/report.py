@@ -6,7 +6,8 @@ Every source layer of the LoRA gets a :class:`LayerRecord` with every target lay
 promises, applied or the reason not). Two energies, each from one operator for every candidate they are given
 for, so they compare: ``energy_in_target``, the share of ``||ΔW||_F^2`` inside the target's top-r subspaces (the
 paper's Eq. 3), for every candidate whose basis was at hand in the run (``energy_from_sketch``: measured on a
-screening sketch, an estimate), and ``energy_kept``, what the transfer operator actually used kept, for applied
+screening sketch, an estimate) and for every applied candidate projected with spectra, from the target's spectrum, in
+warm runs too, and ``energy_kept``, what the transfer operator actually used kept, for applied
 candidates. A layer's energy kept is the mean over the targets it was applied to (0 when dropped); the summary's
 is the ΔW-energy-weighted mean over all source layers. A similarity's ``estimate`` flag marks scores from
 sketches; applied pairs carry their exact score.
