@@ -13,7 +13,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from lorax_engine.analysis.subspaces import SubspaceCache, SubspaceSpec, _gram_lower, compute_basis
+from lorax_engine.analysis.subspaces import SubspaceCache, SubspaceSpec, _gram_lower, _unit_columns, compute_basis
 from lorax_engine.errors import LoraFileError, TransferOptionError
 from lorax_engine.files.base_weights import CheckpointWeights, StateDictWeights, tensor_fingerprint
 from lorax_engine.files.safetensors_file import SafetensorsFile
@@ -129,6 +129,36 @@ def test_a_rank_deficient_weight_still_gets_an_orthonormal_spectrum():
     basis = spectrum.top(20)
     torch.testing.assert_close(_proj(basis.u, 300), pu, rtol=0, atol=1e-5)
     torch.testing.assert_close(_proj(basis.v, 200), pv, rtol=0, atol=1e-5)
+
+
+def test_small_singular_directions_are_measured_and_made_orthonormal():
+    """Directions with singular values below 1e-4 s_1 are re-orthogonalised rather than replaced: down to where
+    float64 resolves them (1e-5 s_1 here) they are the weight's own singular vectors, and the whole side is
+    orthonormal (a float64 ``W V`` alone left such columns 1e-6 off orthogonal)."""
+    gen = _gen(7)
+    u0 = torch.linalg.qr(torch.randn(300, 200, generator=gen, dtype=torch.float64)).Q
+    v0 = torch.linalg.qr(torch.randn(200, 200, generator=gen, dtype=torch.float64)).Q
+    s0 = torch.logspace(0, -7, 200, dtype=torch.float64)
+    w = ((u0 * s0) @ v0.T).float()
+    spectrum = compute_basis(w, SubspaceSpec(20, "gram"))
+    for x in (spectrum.u, spectrum.v):
+        torch.testing.assert_close(x.T @ x, torch.eye(200), rtol=0, atol=2e-6)
+    u, s, vh = torch.linalg.svd(w.double(), full_matrices=False)
+    resolved = s >= 1e-5 * s[0]
+    assert int((resolved & (s < 1e-4 * s[0])).sum()) >= 20
+    for got, want in ((spectrum.u, u), (spectrum.v, vh.T)):
+        cosines = (got.double() * want).sum(0).abs()[resolved]
+        assert float(cosines.min()) > 1 - 1e-6
+
+
+def test_columns_in_the_span_of_the_others_still_come_out_orthonormal():
+    """The completion of small columns falls back to a whole QR where projecting them off cannot settle them: a
+    column that is a tiny multiple of another, and a zero one."""
+    x = torch.zeros(6, 5, dtype=torch.float64)
+    x[0, 0], x[1, 1], x[2, 2], x[0, 3] = 3.0, 2.0, 1.0, 1e-6
+    out = _unit_columns(x, torch.linalg.vector_norm(x, dim=0))
+    torch.testing.assert_close(out.T @ out, torch.eye(5, dtype=torch.float64), rtol=0, atol=1e-12)
+    torch.testing.assert_close(out[:, :3].abs(), torch.eye(6, 3, dtype=torch.float64), rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("shape", [(50, 7), (9, 1), (300, 104), (40, 130)])
