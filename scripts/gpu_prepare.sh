@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # make gpu-prepare: builds .gpu/ (gitignored), what the lent GPU machine needs beside the working tree to import
 # ComfyUI in-process: ComfyUI's tree from .runtime/comfyui, pruned to its code, and the wheels of the three
-# packages its image lacks (COMFYUI.md §D), and py-spy for the profile step. Prints the device tool's call.
+# packages its image lacks (COMFYUI.md §D), py-spy for the profile step and threadpoolctl (the engine uses it
+# where present: kernels.py). Prints the device tool's call.
 # Needs `make setup` (the runtime) and PyPI (pip download).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,7 +12,7 @@ COMFY=.runtime/comfyui
 DEST=.gpu
 PIP="${PYTHON:-.venv/bin/python} -m pip"
 # versions as in the test runtime (.venv); av's wheels are abi3 manylinux_2_28, so they install on Python 3.12
-WHEELS=(av==18.1.0 torchsde==0.2.6 trampoline==0.1.2 py-spy==0.4.3)   # py-spy: gpu_check.sh's profile step
+WHEELS=(av==18.1.0 torchsde==0.2.6 trampoline==0.1.2 py-spy==0.4.3 threadpoolctl==3.8.0)   # py-spy: gpu_check.sh's profile step
 
 [[ -f $COMFY/main.py ]] || { echo "gpu-prepare: $COMFY is missing; run 'make setup' first" >&2; exit 1; }
 rm -rf "$DEST/comfyui"

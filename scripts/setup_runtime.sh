@@ -37,10 +37,12 @@ if [ ! -f "$RUNTIME/.stamp-comfyui" ]; then
   touch "$RUNTIME/.stamp-comfyui"
 fi
 
-if [ ! -f "$VENV/.stamp-dev" ]; then
+# the stamp holds the requirements' digest: a changed requirements file installs again
+DEV_DIGEST=$(cat requirements.txt requirements-dev.txt | sha256sum | cut -d' ' -f1)
+if [ "$(cat "$VENV/.stamp-dev" 2>/dev/null)" != "$DEV_DIGEST" ]; then
   echo "[setup] installing the pack's requirements and test tools"
   "$VENV/bin/pip" install -q -c "$CONSTRAINTS" -r requirements.txt -r requirements-dev.txt
-  touch "$VENV/.stamp-dev"
+  echo "$DEV_DIGEST" > "$VENV/.stamp-dev"
 fi
 "$VENV/bin/python" -c "import torch, torchvision; assert torch.__version__.startswith('2.14.1'), torch.__version__"
 

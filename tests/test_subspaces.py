@@ -13,7 +13,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from lorax_engine.analysis.subspaces import SubspaceCache, SubspaceSpec, _gram_lower, _unit_columns, compute_basis
+from lorax_engine.analysis.kernels import gram_lower
+from lorax_engine.analysis.subspaces import SubspaceCache, SubspaceSpec, _unit_columns, compute_basis
 from lorax_engine.errors import LoraFileError, TransferOptionError
 from lorax_engine.files.base_weights import CheckpointWeights, StateDictWeights, tensor_fingerprint
 from lorax_engine.files.safetensors_file import SafetensorsFile
@@ -167,7 +168,7 @@ def test_the_blockwise_gram_is_what_eigh_reads_of_the_full_one(shape):
     it must equal the full product there, for widths the blocks do not divide, and give its eigenpairs."""
     x = torch.randn(*shape, generator=_gen(6), dtype=torch.float64)
     full = x.T @ x
-    lower = _gram_lower(x)
+    lower = gram_lower(x)
     torch.testing.assert_close(torch.tril(lower), torch.tril(full), rtol=1e-12, atol=1e-12)
     evals, evecs = torch.linalg.eigh(lower)
     torch.testing.assert_close(evals, torch.linalg.eigvalsh(full), rtol=1e-10, atol=1e-10)

@@ -55,6 +55,7 @@ import torch
 from ..atomic import atomic_path
 from ..errors import LoraFileError, TransferOptionError
 from ..tensor_checks import all_finite
+from .kernels import blas_threads, eigh, eigh_gram, gram_lower, matmul, numpy_is_faster
 
 ALGORITHM_VERSION = 5      # 4: whole spectra for exact scores and projection, plain sketches to screen;
                            # 5: a spectrum's other side in float64 (method "gram" computes what "exact" does)
@@ -221,7 +222,7 @@ def _orth(x: torch.Tensor) -> torch.Tensor:
 def _orth_fast(x: torch.Tensor) -> torch.Tensor:
     """Orthonormal basis of a tall sketch by Cholesky QR (two BLAS-3 products instead of a Householder QR,
     2-3x faster); Householder when the sketch is too close to rank-deficient for a Cholesky factor."""
-    gram = _gram_lower(x).double()      # cholesky reads the lower triangle only
+    gram = gram_lower(x).double()      # cholesky reads the lower triangle only
     chol, info = torch.linalg.cholesky_ex(gram)
     if int(info) != 0:
         return _orth(x)
@@ -259,31 +260,21 @@ def _unit_columns(x: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
     return unit
 
 
-def _gram_lower(x: torch.Tensor, blocks: int = 4) -> torch.Tensor:
-    """``x^T x`` on and below the diagonal (all that ``eigh`` reads; 0 above the diagonal blocks), by column blocks:
-    10 of the 16 block products with 4 blocks. torch has no symmetric product, and a full one does twice the work: on
-    one core the float64 Gram of a 10240 x 1280 weight took 0.67 s in full, 0.44 s this way (1280 x 1280: 0.083 ->
-    0.056 s; a sketch's float32 10240 x 416 Ritz Gram 35 -> 26 ms)."""
-    n = x.shape[1]
-    step = -(-n // blocks)
-    gram = torch.zeros(n, n, dtype=x.dtype, device=x.device)
-    for i in range(0, n, step):
-        gram[i:, i:i + step] = x[:, i:].T @ x[:, i:i + step]
-    return gram
-
-
 def _spectrum(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(u, v, s)`` of every triplet of ``w``: the float64 eigendecomposition of the smaller Gram, the other side
-    ``W V`` (or ``W^T U``) in float64 with unit columns. Those columns are orthogonal already (``W v_i = s_i u_i``) to
-    ~eps64 s_1 / s_i, so normalising replaces a QR (on one core a 10240 x 1280 weight's float64 QR took 2.8 s, the
-    rest of its spectrum 2.6 s); a weight with (numerically) zero singular values takes the QR."""
+    ``W V`` (or ``W^T U``) in float64 with unit columns. Those columns are orthogonal already (``W v_i = s_i u_i``)
+    where s_i is not small, so normalising replaces a QR (on one core a 10240 x 1280 weight's float64 QR took 2.8 s,
+    the rest of its spectrum 2.6 s); :func:`_unit_columns` completes the small ones. The float64 kernels run on the
+    faster LAPACK of the CPU (kernels.py)."""
     m, n = w.shape
     tall = m >= n
-    tall_w = w.double() if tall else w.double().T     # W or W^T, whichever is tall: its Gram is the smaller one
-    evals, evecs = torch.linalg.eigh(_gram_lower(tall_w))
+    # W or W^T, whichever is tall (its Gram is the smaller one), laid out row by row: a product with a transposed
+    # view took 0.98 s instead of 0.70 s (1280 x 10240, float64, one core)
+    tall_w = w.double() if tall else w.T.contiguous().double()
+    evals, evecs = eigh_gram(tall_w)
     small = evecs.flip(-1)
     s = evals.flip(0).clamp_min(0).sqrt()
-    big = tall_w @ small
+    big = matmul(tall_w, small)
     del tall_w
     big = _unit_columns(big, torch.linalg.vector_norm(big, dim=0))
     u, v = (big, small) if tall else (small, big)
@@ -321,7 +312,7 @@ def _randomized(w: torch.Tensor, spec: SubspaceSpec):
     # Rayleigh-Ritz with float32 products and a float64 Gram: bfloat16 here would cap the accuracy at bfloat16's
     # rounding of W, and a float32 Gram moved similarities by up to 0.008
     bt = w.T @ q
-    evals, evecs = torch.linalg.eigh(_gram_lower(bt).double())
+    evals, evecs = eigh(gram_lower(bt).double())
     ub = evecs[:, -spec.rank:].flip(-1).to(device=w.device, dtype=torch.float32)
     s = evals[-spec.rank:].flip(0).clamp_min(0).sqrt().to(device=w.device, dtype=torch.float32)
     # (Q^T W)^T ub has orthogonal columns of norms s (ub are eigenvectors of its Gram): scaling replaces a QR
@@ -406,8 +397,9 @@ class SubspaceCache:
         and computed ahead in threads (default :func:`default_workers`). Each thread's torch ops then use
         ``threads // workers`` of torch's threads: on 2 CPU cores two single-threaded bases at once beat one
         two-threaded one by 10-20%, as the small QR/eigh steps and the reading and hashing parallelise
-        poorly. An error surfaces at its key; close the generator (``contextlib.closing``) when stopping
-        early: that waits for the running bases and restores torch's thread count."""
+        poorly; numpy's BLAS is held to as many (kernels.py). An error surfaces at its key; close the generator
+        (``contextlib.closing``) when stopping early: that waits for the running bases and restores the thread
+        counts."""
         keys = list(keys)
         workers = default_workers(device) if workers is None else workers
         if workers <= 1 or len(keys) <= 1:
@@ -415,25 +407,29 @@ class SubspaceCache:
                 yield key, self.get(weights, key, spec, device)
             return
         load_linalg_kernels(device)
+        if torch.device(device).type == "cpu":
+            numpy_is_faster()       # timed here once, before the workers share the cores
         threads = torch.get_num_threads()
-        torch.set_num_threads(max(1, threads // workers))
+        per_worker = max(1, threads // workers)
+        torch.set_num_threads(per_worker)
         pool = ThreadPoolExecutor(workers, thread_name_prefix="lorax-basis")
         pending: deque = deque()
         todo = iter(keys)
-        try:
-            for key in itertools.islice(todo, workers + 1):
-                pending.append((key, pool.submit(self._get, weights, key, spec, device)))
-            while pending:
-                key, future = pending.popleft()
-                following = next(todo, None)
-                if following is not None:
-                    pending.append((following, pool.submit(self._get, weights, following, spec, device)))
-                yield key, future.result()
-        finally:
-            for _, future in pending:
-                future.cancel()
-            pool.shutdown(wait=True)
-            torch.set_num_threads(threads)
+        with blas_threads(per_worker):      # numpy's BLAS too, where kernels.py uses it
+            try:
+                for key in itertools.islice(todo, workers + 1):
+                    pending.append((key, pool.submit(self._get, weights, key, spec, device)))
+                while pending:
+                    key, future = pending.popleft()
+                    following = next(todo, None)
+                    if following is not None:
+                        pending.append((following, pool.submit(self._get, weights, following, spec, device)))
+                    yield key, future.result()
+            finally:
+                for _, future in pending:
+                    future.cancel()
+                pool.shutdown(wait=True)
+                torch.set_num_threads(threads)
 
     def _get(self, weights, key: str, spec: SubspaceSpec, device) -> Basis | Spectrum:
         with self._lock:

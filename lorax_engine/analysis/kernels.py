@@ -1,0 +1,120 @@
+"""Dense float64 kernels of subspaces.py's CPU bases, on the faster of the two LAPACKs at hand.
+
+torch's CPU wheels carry MKL; numpy's carry OpenBLAS (Accelerate on macOS, MKL in conda builds). Which one is
+faster depends on the CPU. On the project's 2-core AMD EPYC VM, one thread each, numpy's OpenBLAS took 0.29 s for
+a float64 1280 x 1280 ``eigh`` (MKL 0.38 s), 0.32 s for the Gram of a 10240 x 1280 weight (its symmetric product;
+torch's blockwise one 0.44 s) and 0.63 s for ``W V`` (0.71 s). MKL is tuned for Intel's CPUs, where the order may
+well reverse. So the first CPU spectrum of a process times both on a small problem (:func:`numpy_is_faster`) and
+the kernels below use the faster one; the results agree to float64 rounding, so the cache does not tell them apart.
+
+numpy is used only where threadpoolctl can hold its BLAS to the threads it is given (:func:`blas_threads`):
+OpenBLAS's own pool on top of two basis workers ran two eigendecompositions at once 1.6x slower than one after the
+other on 2 cores. Without threadpoolctl (a pack installed without its requirements) everything stays on torch.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import time
+
+import numpy as np
+import torch
+
+try:
+    import threadpoolctl
+except ImportError:          # the pack still works, on torch's kernels only
+    threadpoolctl = None
+
+
+def gram_lower(x: torch.Tensor, blocks: int = 4) -> torch.Tensor:
+    """``x^T x`` on and below the diagonal (all that ``eigh`` and ``cholesky`` read; 0 above the diagonal blocks), by
+    column blocks: 10 of the 16 block products with 4 blocks. torch has no symmetric product, and a full one does
+    twice the work: on one core the float64 Gram of a 10240 x 1280 weight took 0.67 s in full, 0.44 s this way
+    (1280 x 1280: 0.083 -> 0.056 s; a sketch's float32 10240 x 416 Ritz Gram 35 -> 26 ms)."""
+    n = x.shape[1]
+    step = -(-n // blocks)
+    gram = torch.zeros(n, n, dtype=x.dtype, device=x.device)
+    for i in range(0, n, step):
+        gram[i:, i:i + step] = x[:, i:].T @ x[:, i:i + step]
+    return gram
+
+
+@functools.lru_cache(maxsize=1)
+def _blas_controller():
+    """threadpoolctl's handle on the BLAS libraries loaded (numpy's), or None. Only those: a limit over every
+    threadpool would also set OpenMP's, torch's own thread count, back to what it was when the limit began."""
+    if threadpoolctl is None:
+        return None
+    controller = threadpoolctl.ThreadpoolController().select(user_api="blas")
+    return controller if controller.lib_controllers else None
+
+
+def blas_threads(threads: int):
+    """A context that holds numpy's BLAS to ``threads`` (and restores it after); nothing without threadpoolctl."""
+    controller = _blas_controller()
+    return contextlib.nullcontext() if controller is None else controller.limit(limits=max(1, int(threads)))
+
+
+def _best_of(run, reps: int = 3) -> float:
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+@functools.lru_cache(maxsize=1)
+def numpy_is_faster() -> bool:
+    """Whether numpy's LAPACK/BLAS beat torch's by 10% or more on one thread, over what a spectrum does (the Gram of
+    a tall matrix, its eigendecomposition, the product with its eigenvectors), at 1536 x 384 (~0.1 s of timing, once
+    per process). Call it outside worker threads: it sets torch's thread count while it runs."""
+    if _blas_controller() is None:
+        return False
+    x = torch.randn(1536, 384, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with blas_threads(1):
+            times = {False: float("inf"), True: float("inf")}
+            for flag in (False, True, False, True):        # alternating, so a busy moment hurts neither alone
+                times[flag] = min(times[flag], _best_of(lambda f=flag: _spectrum_work(x, f), reps=2))
+    finally:
+        torch.set_num_threads(threads)
+    return times[True] < 0.9 * times[False]
+
+
+def _spectrum_work(x: torch.Tensor, numpy: bool) -> None:
+    _, vecs = eigh_gram(x, numpy)
+    matmul(x, vecs, numpy)
+
+
+def _use_numpy(t: torch.Tensor, numpy: bool | None) -> bool:
+    if t.device.type != "cpu":
+        return False
+    return numpy_is_faster() if numpy is None else numpy
+
+
+def eigh_gram(x: torch.Tensor, numpy: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues (ascending) and eigenvectors of ``x^T x``, computed in ``x``'s dtype (float64 for spectra).
+    ``numpy``: force a side (tests, calibration); None picks the faster on the CPU."""
+    if _use_numpy(x, numpy):
+        a = x.numpy()
+        vals, vecs = np.linalg.eigh(a.T @ a)        # numpy computes a.T @ a as a symmetric product (syrk)
+        return torch.from_numpy(vals), torch.from_numpy(vecs)
+    return torch.linalg.eigh(gram_lower(x))
+
+
+def eigh(gram: torch.Tensor, numpy: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.linalg.eigh`` of a symmetric matrix given on and below its diagonal, on the faster side."""
+    if _use_numpy(gram, numpy):
+        vals, vecs = np.linalg.eigh(gram.numpy(), UPLO="L")
+        return torch.from_numpy(vals), torch.from_numpy(vecs)
+    return torch.linalg.eigh(gram)
+
+
+def matmul(a: torch.Tensor, b: torch.Tensor, numpy: bool | None = None) -> torch.Tensor:
+    """``a @ b`` on the faster side."""
+    if _use_numpy(a, numpy):
+        return torch.from_numpy(a.numpy() @ b.numpy())
+    return a @ b
