@@ -3,8 +3,6 @@ results, numpy's BLAS is held to the threads given and nothing else is touched, 
 everything runs on torch."""
 from __future__ import annotations
 
-import threading
-
 import pytest
 import threadpoolctl
 import torch
@@ -46,7 +44,7 @@ def test_a_spectrum_is_the_same_on_either_side(monkeypatch, shape):
     w = trained_weight(*shape, exponent=0.2, cond=1e4, seed=3).float()
     spectra = []
     for numpy in (False, True):
-        monkeypatch.setattr(kernels, "numpy_is_faster", lambda numpy=numpy: numpy)
+        monkeypatch.setattr(kernels, "prefer_numpy", lambda numpy=numpy: numpy)
         spectra.append(compute_basis(w, SubspaceSpec(64, "gram")))
     torch_side, numpy_side = spectra
     torch.testing.assert_close(numpy_side.s, torch_side.s, rtol=1e-6, atol=0)
@@ -83,9 +81,9 @@ def test_without_threadpoolctl_everything_stays_on_torch(monkeypatch):
     used at all (its own pool on top of the basis workers would oversubscribe the cores)."""
     monkeypatch.setattr(kernels, "threadpoolctl", None)
     kernels._blas_controller.cache_clear()
-    kernels.numpy_is_faster.cache_clear()
+    kernels.prefer_numpy.cache_clear()
     try:
-        assert kernels._blas_controller() is None and kernels.numpy_is_faster() is False
+        assert kernels._blas_controller() is None and kernels.prefer_numpy() is False
         with kernels.blas_threads(1):
             pass
         called = []
@@ -94,16 +92,19 @@ def test_without_threadpoolctl_everything_stays_on_torch(monkeypatch):
         assert not called and spectrum.s.shape == (64,)
     finally:
         kernels._blas_controller.cache_clear()
-        kernels.numpy_is_faster.cache_clear()
+        kernels.prefer_numpy.cache_clear()
 
 
-def test_the_choice_is_timed_once_and_restores_torchs_threads():
-    kernels.numpy_is_faster.cache_clear()
-    threads = torch.get_num_threads()
-    first = kernels.numpy_is_faster()
-    assert isinstance(first, bool) and torch.get_num_threads() == threads
-    done = []
-    worker = threading.Thread(target=lambda: done.append(kernels.numpy_is_faster()))
-    worker.start()
-    worker.join()
-    assert done == [first] and kernels.numpy_is_faster.cache_info().misses == 1
+@pytest.mark.parametrize(("vendor", "mkl", "expected"), [("AuthenticAMD", True, True), ("GenuineIntel", True, False),
+                                                      ("AuthenticAMD", False, False)])
+def test_numpy_is_chosen_by_a_fixed_rule(monkeypatch, vendor, mkl, expected):
+    """numpy's OpenBLAS (controlled by threadpoolctl here) replaces torch's MKL on CPUs not made by Intel, and only
+    there: a rule, not a timing, so every process of a machine computes the same bits."""
+    monkeypatch.setattr(kernels, "_cpu_vendor", lambda: vendor)
+    monkeypatch.setattr(torch.backends.mkl, "is_available", lambda: mkl)
+    kernels.prefer_numpy.cache_clear()
+    try:
+        assert kernels.prefer_numpy() is expected
+    finally:
+        kernels.prefer_numpy.cache_clear()
+

@@ -1,11 +1,11 @@
-"""Dense float64 kernels of subspaces.py's CPU bases, on the faster of the two LAPACKs at hand.
+"""Dense float64 kernels of subspaces.py's CPU bases, on the LAPACK that suits the CPU: torch's or numpy's.
 
-torch's CPU wheels carry MKL; numpy's carry OpenBLAS (Accelerate on macOS, MKL in conda builds). Which one is
-faster depends on the CPU. On the project's 2-core AMD EPYC VM, one thread each, numpy's OpenBLAS took 0.29 s for
-a float64 1280 x 1280 ``eigh`` (MKL 0.38 s), 0.32 s for the Gram of a 10240 x 1280 weight (its symmetric product;
-torch's blockwise one 0.44 s) and 0.63 s for ``W V`` (0.71 s). MKL is tuned for Intel's CPUs, where the order may
-well reverse. So the first CPU spectrum of a process times both on a small problem (:func:`numpy_is_faster`) and
-the kernels below use the faster one; the results agree to float64 rounding, so the cache does not tell them apart.
+torch's x86 CPU wheels carry MKL; numpy's wheels carry OpenBLAS (Accelerate on macOS, MKL in conda builds). MKL is
+tuned for Intel's CPUs and takes slower paths on others: on the project's 2-core AMD EPYC VM, one thread each,
+numpy's OpenBLAS took 0.29 s for a float64 1280 x 1280 ``eigh`` (MKL 0.38 s), 0.32 s for the Gram of a
+10240 x 1280 weight (its symmetric product; torch's blockwise one 0.44 s) and 0.63 s for ``W V`` (0.71 s). So on
+a CPU not made by Intel the kernels below use numpy's OpenBLAS (:func:`prefer_numpy`); the results agree to
+float64 rounding, so the cache does not tell them apart.
 
 numpy is used only where threadpoolctl can hold its BLAS to the threads it is given (:func:`blas_threads`):
 OpenBLAS's own pool on top of two basis workers ran two eigendecompositions at once 1.6x slower than one after the
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import time
+import platform
 
 import numpy as np
 import torch
@@ -55,49 +55,38 @@ def blas_threads(threads: int):
     return contextlib.nullcontext() if controller is None else controller.limit(limits=max(1, int(threads)))
 
 
-def _best_of(run, reps: int = 3) -> float:
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        run()
-        best = min(best, time.perf_counter() - t0)
-    return best
+def _cpu_vendor() -> str:
+    """The CPU's vendor string (``GenuineIntel``, ``AuthenticAMD``, ...; whatever the platform says elsewhere)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
 
 
 @functools.lru_cache(maxsize=1)
-def numpy_is_faster() -> bool:
-    """Whether numpy's LAPACK/BLAS beat torch's by 10% or more on one thread, over what a spectrum does (the Gram of
-    a tall matrix, its eigendecomposition, the product with its eigenvectors), at 1536 x 384 (~0.1 s of timing, once
-    per process). Call it outside worker threads: it sets torch's thread count while it runs."""
-    if _blas_controller() is None:
+def prefer_numpy() -> bool:
+    """Whether the CPU kernels run on numpy: where its BLAS is OpenBLAS that threadpoolctl controls, torch's is MKL,
+    and the CPU is not Intel's (MKL's home ground). A fixed rule rather than a timing, so a process computes the same
+    bits every time (a report written in-process and one written by the command line agree exactly)."""
+    controller = _blas_controller()
+    if controller is None or not any(lib.internal_api == "openblas" for lib in controller.lib_controllers):
         return False
-    x = torch.randn(1536, 384, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with blas_threads(1):
-            times = {False: float("inf"), True: float("inf")}
-            for flag in (False, True, False, True):        # alternating, so a busy moment hurts neither alone
-                times[flag] = min(times[flag], _best_of(lambda f=flag: _spectrum_work(x, f), reps=2))
-    finally:
-        torch.set_num_threads(threads)
-    return times[True] < 0.9 * times[False]
-
-
-def _spectrum_work(x: torch.Tensor, numpy: bool) -> None:
-    _, vecs = eigh_gram(x, numpy)
-    matmul(x, vecs, numpy)
+    return torch.backends.mkl.is_available() and "Intel" not in _cpu_vendor()
 
 
 def _use_numpy(t: torch.Tensor, numpy: bool | None) -> bool:
     if t.device.type != "cpu":
         return False
-    return numpy_is_faster() if numpy is None else numpy
+    return prefer_numpy() if numpy is None else numpy
 
 
 def eigh_gram(x: torch.Tensor, numpy: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Eigenvalues (ascending) and eigenvectors of ``x^T x``, computed in ``x``'s dtype (float64 for spectra).
-    ``numpy``: force a side (tests, calibration); None picks the faster on the CPU."""
+    ``numpy``: force a side (tests); None follows :func:`prefer_numpy` on the CPU."""
     if _use_numpy(x, numpy):
         a = x.numpy()
         vals, vecs = np.linalg.eigh(a.T @ a)        # numpy computes a.T @ a as a symmetric product (syrk)
@@ -106,7 +95,7 @@ def eigh_gram(x: torch.Tensor, numpy: bool | None = None) -> tuple[torch.Tensor,
 
 
 def eigh(gram: torch.Tensor, numpy: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``torch.linalg.eigh`` of a symmetric matrix given on and below its diagonal, on the faster side."""
+    """``torch.linalg.eigh`` of a symmetric matrix given on and below its diagonal, on the chosen side."""
     if _use_numpy(gram, numpy):
         vals, vecs = np.linalg.eigh(gram.numpy(), UPLO="L")
         return torch.from_numpy(vals), torch.from_numpy(vecs)
@@ -114,7 +103,7 @@ def eigh(gram: torch.Tensor, numpy: bool | None = None) -> tuple[torch.Tensor, t
 
 
 def matmul(a: torch.Tensor, b: torch.Tensor, numpy: bool | None = None) -> torch.Tensor:
-    """``a @ b`` on the faster side."""
+    """``a @ b`` on the chosen side."""
     if _use_numpy(a, numpy):
         return torch.from_numpy(a.numpy() @ b.numpy())
     return a @ b

@@ -55,7 +55,7 @@ import torch
 from ..atomic import atomic_path
 from ..errors import LoraFileError, TransferOptionError
 from ..tensor_checks import all_finite
-from .kernels import blas_threads, eigh, eigh_gram, gram_lower, matmul, numpy_is_faster
+from .kernels import blas_threads, eigh, eigh_gram, gram_lower, matmul
 
 ALGORITHM_VERSION = 5      # 4: whole spectra for exact scores and projection, plain sketches to screen;
                            # 5: a spectrum's other side in float64 (method "gram" computes what "exact" does)
@@ -265,7 +265,7 @@ def _spectrum(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     ``W V`` (or ``W^T U``) in float64 with unit columns. Those columns are orthogonal already (``W v_i = s_i u_i``)
     where s_i is not small, so normalising replaces a QR (on one core a 10240 x 1280 weight's float64 QR took 2.8 s,
     the rest of its spectrum 2.6 s); :func:`_unit_columns` completes the small ones. The float64 kernels run on the
-    faster LAPACK of the CPU (kernels.py)."""
+    LAPACK that suits the CPU (kernels.py)."""
     m, n = w.shape
     tall = m >= n
     # W or W^T, whichever is tall (its Gram is the smaller one), laid out row by row: a product with a transposed
@@ -407,8 +407,6 @@ class SubspaceCache:
                 yield key, self.get(weights, key, spec, device)
             return
         load_linalg_kernels(device)
-        if torch.device(device).type == "cpu":
-            numpy_is_faster()       # timed here once, before the workers share the cores
         threads = torch.get_num_threads()
         per_worker = max(1, threads // workers)
         torch.set_num_threads(per_worker)
