@@ -51,6 +51,7 @@ from trained_accuracy import measure as trained_accuracy  # noqa: E402
 from trained_accuracy import table as trained_table  # noqa: E402
 
 import lorax_zoo  # noqa: E402
+from lorax_engine.analysis import kernels  # noqa: E402
 from lorax_engine.files.base_weights import CheckpointWeights  # noqa: E402
 from lorax_engine.files.lora_formats import read_lora  # noqa: E402
 
@@ -85,7 +86,8 @@ def machine(device: str) -> dict:
             "cpu_count": os.cpu_count(), "cpu": cpu, "cpu_flags": sorted(flags & set(CPU_FLAGS)),
             "ram_gb": round(mem, 1) if mem else None,
             "python": platform.python_version(), "platform": platform.platform(), "host": platform.node(),
-            "loadavg_at_start": [round(x, 2) for x in os.getloadavg()]}
+            "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
+            "cpu_spectra_on": "numpy (OpenBLAS)" if kernels.prefer_numpy() else "torch"}
     git = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=REPO, capture_output=True, text=True)
     info["git"] = git.stdout.strip() or None
     if device.startswith("cuda"):

@@ -8,11 +8,12 @@ singular triplets. Two kinds of result, both float32 on the CPU:
   descending. The smaller Gram matrix (``W^T W`` or ``W W^T``) is formed and eigendecomposed in float64: squaring
   the spectrum is harmless there (it resolves singular values down to ~1e-8 s_1), while a float32 Gram moved the
   top-320 projector of trained-looking weights (slow bulk, s_1 / s_r up to 1e4) by 1e-2 to 0.7 relative. The
-  other side is ``W V`` (or ``W^T U``) in float64 with its columns normalised (a QR only for a weight with
-  numerically zero singular values), for both methods: the names differ only in what the transfer does with them,
-  and one cache entry serves both. Its top-r part (:meth:`Spectrum.top`) is the exact top-r
-  :class:`Basis` that §1's scores and the paper's Eq. 3 use; the whole spectrum is what §2c's soft operators
-  need (projection/operators.py). It does not depend on r, so one entry serves every rank.
+  other side is ``W V`` (or ``W^T U``) in float64 with its columns normalised (its smallest columns made
+  orthonormal by projection: :func:`_unit_columns`), on the LAPACK that suits the CPU (kernels.py), for both
+  methods: the names differ only in what the transfer does with them, and one cache entry serves both. Its top-r
+  part (:meth:`Spectrum.top`) is the exact top-r :class:`Basis` that §1's scores and the paper's Eq. 3 use; the
+  whole spectrum is what §2c's soft operators need (projection/operators.py).
+  It does not depend on r, so one entry serves every rank.
 * :class:`Basis` (method ``"randomized"``): a sketch of the top-r subspaces, to screen candidates cheaply: a
   Gaussian sketch of ``l = r + oversample`` columns (seeded from the weight's content: :func:`_content_seed`),
   ``power_iters`` rounds of subspace iteration with Cholesky-QR re-orthonormalisation (products with W in
