@@ -24,14 +24,17 @@ def _tall(seed: int, m: int = 300, n: int = 120) -> torch.Tensor:
 def test_numpy_and_torch_give_the_same_eigenpairs_and_products():
     x = _tall(1)
     gram = x.T @ x
-    for got_vals, got_vecs in (kernels.eigh_gram(x, numpy=True), kernels.eigh(kernels.gram_lower(x), numpy=True)):
+    for got_vals, got_vecs in (kernels.eigh(kernels.gram(x, numpy=True), numpy=True),
+                               kernels.eigh(kernels.gram_lower(x), numpy=True)):
         want_vals, want_vecs = torch.linalg.eigh(gram)
         torch.testing.assert_close(got_vals, want_vals, rtol=1e-12, atol=1e-10)
         # eigenvectors up to sign (the eigenvalues are simple): |cosines| of 1 column by column
         torch.testing.assert_close((got_vecs * want_vecs).sum(0).abs(), torch.ones(120, dtype=torch.float64),
                                    rtol=0, atol=1e-9)
-    torch.testing.assert_close(kernels.eigh_gram(x, numpy=False)[0], torch.linalg.eigvalsh(gram), rtol=1e-12,
-                               atol=1e-10)
+    torch.testing.assert_close(kernels.eigh(kernels.gram(x, numpy=False), numpy=False)[0], torch.linalg.eigvalsh(gram),
+                               rtol=1e-12, atol=1e-10)
+    for numpy in (True, False):     # whatever lies above the diagonal, on and below it is the Gram
+        torch.testing.assert_close(kernels.gram(x, numpy=numpy).tril(), gram.tril(), rtol=1e-12, atol=1e-10)
     b = _tall(2, 120, 40)
     torch.testing.assert_close(kernels.matmul(x, b, numpy=True), x @ b, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(kernels.matmul(x.T.contiguous().T, b, numpy=True), x @ b, rtol=1e-12, atol=1e-12)

@@ -84,14 +84,14 @@ def _use_numpy(t: torch.Tensor, numpy: bool | None) -> bool:
     return prefer_numpy() if numpy is None else numpy
 
 
-def eigh_gram(x: torch.Tensor, numpy: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eigenvalues (ascending) and eigenvectors of ``x^T x``, computed in ``x``'s dtype (float64 for spectra).
-    ``numpy``: force a side (tests); None follows :func:`prefer_numpy` on the CPU."""
+def gram(x: torch.Tensor, numpy: bool | None = None) -> torch.Tensor:
+    """``x^T x`` in ``x``'s dtype, at least on and below the diagonal (all that :func:`eigh` reads): numpy's
+    symmetric product, or :func:`gram_lower`. ``numpy``: force a side (tests); None follows :func:`prefer_numpy` on
+    the CPU."""
     if _use_numpy(x, numpy):
         a = x.numpy()
-        vals, vecs = np.linalg.eigh(a.T @ a)        # numpy computes a.T @ a as a symmetric product (syrk)
-        return torch.from_numpy(vals), torch.from_numpy(vecs)
-    return torch.linalg.eigh(gram_lower(x))
+        return torch.from_numpy(a.T @ a)        # numpy computes a.T @ a as a symmetric product (syrk)
+    return gram_lower(x)
 
 
 def eigh(gram: torch.Tensor, numpy: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
