@@ -345,3 +345,17 @@ def test_one_node_loader_refuses_an_sd15_model(comfy, zoo, pack, folders):
                                                               output_vae=False, output_clip=False)
     assert _refusal(pack, sd15) == ("Load SD1.5 LoRA into SDXL needs an SDXL model, but the model input is SD15; "
                                     "connect the SDXL checkpoint's MODEL output")
+
+
+def test_first_rows_of_a_models_weights_are_their_matrices_first_rows(comfy, pack, sdxl):
+    """The comparison by value tries first rows before whole weights; a MODEL's (linear and conv weights, as ComfyUI
+    holds them) are row 0 of the float32 matrix the transfer reads, on the same device."""
+    weights = pack.nodes.comfy_bridge.PatcherWeights(sdxl)
+    keys = [k for k in weights.keys() if k.endswith(("attn1.to_q.weight", "ff.net.2.weight", "proj_in.weight"))]
+    keys += [k for k in weights.keys() if len(weights.shape(k)) == 4][:2]     # conv kernels [m, c, kh, kw]
+    assert len(keys) > 4
+    with torch.inference_mode():
+        for key in keys:
+            row, whole = weights.first_row(key), weights.matrix(key)
+            assert row.dtype == torch.float32 and row.device == whole.device, key
+            assert torch.equal(row, whole[0]), key
