@@ -19,6 +19,9 @@ scored exactly, not needed) with the bases computed. For ``stress`` also:
 * naive: bench/naive_transfer.py (a full float32 SVD per weight, no cache), run for real on one stage, checked
   against the engine, and extrapolated to the whole transfer from timed SVDs per weight shape;
 * trained: accuracy and continuity against float64 (bench/trained_accuracy.py);
+* node (``defaults`` only): what a ComfyUI user runs, bench/node_transfer.py: ComfyUI in-process loads the target
+  checkpoint, then Load SD1.5 LoRA into SDXL transfers the LoRA (empty cache), and once more with another strength
+  (reused); a second ComfyUI process on the same cache times the first transfer after a restart;
 * step cost: in-process ComfyUI, tiny SDXL; UNet forward time with the projected LoRA applied by the pack's Apply
   node vs the same LoRA written to a file and loaded by ComfyUI's stock LoraLoader;
 * machine: device, torch version, threads, CPU model and the flags that matter here, load average.
@@ -112,6 +115,29 @@ def run_cli(argv: list[str], log: Path) -> tuple[float, float]:
         sys.exit(f"bench: `lorax_engine {' '.join(argv[:1])}` failed ({proc.returncode}); see {log}:\n"
                  + log.read_text()[-3000:])
     return seconds, usage.ru_maxrss / 2**20     # ru_maxrss is in KiB on Linux
+
+
+def node_runs(source: Path, target: Path, lora: Path, work: Path, device: str, say) -> dict:
+    """The ``node`` phase (bench/node_transfer.py): two ComfyUI processes on one subspace cache, the first on an
+    empty one."""
+    env = {**os.environ, "LORAX_CACHE_DIR": str(fresh(work / "node_cache"))}
+    runs = {}
+    for tag in ("cold", "restart"):
+        log = work / f"node_{tag}.log"
+        with open(log, "w") as err:
+            proc = subprocess.run([sys.executable, str(BENCH / "node_transfer.py"), str(source), str(target),
+                                   str(lora), "--device", device], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                  stderr=err, text=True)
+        if proc.returncode != 0:
+            sys.exit(f"bench: node_transfer.py failed ({proc.returncode}); see {log}:\n" + log.read_text()[-3000:])
+        runs[tag] = json.loads(proc.stdout.strip().splitlines()[-1])
+        say(f"node {tag}: ComfyUI load {runs[tag]['comfy_load_s']:.1f} s, transfer {runs[tag]['node_s']:.1f} s, "
+            f"again with another strength {runs[tag]['node_again_s']:.2f} s")
+    cold, restart = runs["cold"], runs["restart"]
+    return {"node_cold_s": cold["node_s"], "node_restart_s": restart["node_s"], "node_again_s": cold["node_again_s"],
+            "node_comfy_load_s": cold["comfy_load_s"], "node_rss_after_load_gb": cold["rss_after_load_gb"],
+            "node_peak_rss_gb": max(cold["peak_rss_gb"], restart["peak_rss_gb"]), "node_verdict": cold["verdict"],
+            "node_again_reused": cold["reused_again"] and restart["reused_again"]}
 
 
 def fresh(path: Path) -> Path:
@@ -324,7 +350,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=None, help="LoRAs in the batch runs (default 10; 3 with --quick)")
     p.add_argument("--work", type=Path, default=REPO / "out" / "bench", help="scratch folder (default out/bench)")
     p.add_argument("--runs", default="defaults,stress", help="comma-separated runs: defaults,stress")
-    p.add_argument("--skip", default="", help="comma-separated phases to skip: naive,step,trained")
+    p.add_argument("--skip", default="", help="comma-separated phases to skip: node,naive,step,trained")
     p.add_argument("--no-record", action="store_true", help="do not append to bench/results.jsonl")
     args = p.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
@@ -345,6 +371,10 @@ def main(argv=None) -> int:
     files = {}
     for name in runs:
         result["runs"][name], files[name] = run_pair(name, args, work, lora_paths, rank, say)
+    if "defaults" in runs and "node" not in skip:
+        say("node: Load SD1.5 LoRA into SDXL in ComfyUI, cold, then after a restart")
+        models = (lorax_zoo.checkpoint(n) for n in RUNS["defaults"][1 if args.quick else 0])
+        result["runs"]["defaults"].update(node_runs(*models, lora_paths[0], work, args.device, say))
     flat = {f"{name}.{k}": v for name, figures in result["runs"].items() for k, v in figures.items()}
 
     if "stress" in files:

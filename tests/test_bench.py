@@ -26,6 +26,10 @@ def test_the_quick_bench_runs_every_phase(tmp_path):
                 "work", "bases_computed"} <= set(run)
     # the shipped defaults on the trained pair: the text encoder on identical weights, found by value
     assert result["runs"]["defaults"]["work"]["identical_by_value"] == 66
+    # what a ComfyUI user runs: the one-node loader in ComfyUI, cold and after a restart, then a strength change
+    node = result["runs"]["defaults"]
+    assert {"node_cold_s", "node_restart_s", "node_again_s", "node_comfy_load_s", "node_peak_rss_gb"} <= set(node)
+    assert node["node_again_reused"] and node["node_verdict"].startswith("WEAK: ")
     for phase in ("naive_s", "trained_max_score_err", "continuity", "step_overhead", "sim_max_abs_err"):
         assert phase in result, phase
     assert result["step_outputs_max_abs_diff"] == 0.0 and result["trained_flips"] == 0

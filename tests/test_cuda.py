@@ -106,6 +106,48 @@ def test_example_workflow_runs_on_the_gpu_with_tensors_kept_there(comfy_gpu, pac
     assert _devices(lora) == _devices(projected) == {"cpu"}
 
 
+def test_one_node_loader_transfers_on_the_gpu_and_patches_there(comfy_gpu, pack, zoo, tmp_path, monkeypatch):
+    """Load SD1.5 LoRA into SDXL with the GPU as ComfyUI's device (every candidate applied): the transfer runs on
+    the GPU, its result is remembered on the CPU (no VRAM held between prompts), the patched weights on the GPU are
+    W0 + s * ΔW of that result, and a strength change reuses it without a transfer."""
+    comfy = comfy_gpu
+    bridge = sys.modules[f"{pack.__name__}.nodes.comfy_bridge"]
+    memo = sys.modules[f"{pack.__name__}.nodes.transfer_nodes"].projected_memo
+    monkeypatch.setattr(bridge, "_cache", SubspaceCache(directory=tmp_path / "cache"))
+    memo.clear()
+    hits = memo.hits
+    place_model_files(monkeypatch, comfy.folder_paths, tmp_path, {
+        "checkpoints": {"v1-5-pruned-emaonly.safetensors": zoo.checkpoint("tiny_sd15")},
+        "loras": {"style.safetensors": zoo.make_sd15_lora(tmp_path / "style.safetensors", rank=8, seed=11)}})
+    options = pack.NODE_CLASS_MAPPINGS["LoRAX_Options"]().options(rank=64, threshold=-1.0, policy="best",
+                                                                   mode="auto", method="fast")[0]
+    node = pack.NODE_CLASS_MAPPINGS["LoRAX_LoadSD15LoRAIntoSDXL"]()
+    with torch.inference_mode():
+        model = comfy.sd.load_checkpoint_guess_config(str(zoo.checkpoint("tiny_sdxl")), output_vae=False,
+                                                      output_clip=False)[0]
+        first, again = (node.load(model=model, lora_name="style.safetensors",
+                                  source_checkpoint="v1-5-pruned-emaonly.safetensors", strength_model=strength,
+                                  strength_clip=1.0, options=options) for strength in (STRENGTH, 0.3))
+    assert not first["ui"]["lorax"][0]["reused"] and again["ui"]["lorax"][0]["reused"] and memo.hits == hits + 1
+    [(result, report, _)] = memo._entries.values()
+    assert report.options["device"].startswith(DEVICE) and _devices(result) == {"cpu"}
+    unet = [k for k in result.layers if k.startswith("diffusion_model.")]
+    assert unet
+
+    patched = first["result"][0]
+    with torch.inference_mode():
+        comfy.model_management.load_models_gpu([patched], force_full_load=True)
+        after = patched.model.diffusion_model.state_dict()
+        base = load_file(str(zoo.checkpoint("tiny_sdxl")), device=DEVICE)
+        for key in unet:
+            short = key[len("diffusion_model."):]
+            assert after[short].device.type == DEVICE, key
+            expected = base[f"model.{key}"].float() + STRENGTH * result.layers[key].delta_weight().to(DEVICE)
+            torch.testing.assert_close(after[short].float(), expected, rtol=1e-3, atol=1e-4)
+    del after, base
+    comfy.model_management.unload_all_models()
+
+
 @pytest.mark.parametrize("method", ["fast", "exact"])
 def test_engine_transfer_on_cuda_agrees_with_the_cpu(zoo, tmp_path, method):
     """METHOD §2b's bounds between the two devices: scores within 0.01, projected ΔW within 1e-2 (relative
