@@ -341,8 +341,9 @@ class PatcherWeights:
     def first_row(self, key: str) -> torch.Tensor:
         """Row 0 of :meth:`matrix` with only that row cast to float32: the comparison by value tries first rows of
         every same-shape pair that no stored score settles (~1000 per SDXL transfer, warm ones too), and casting
-        whole weights for it took ~0.5 s of a 3.4 s first transfer after a ComfyUI restart. The weight's converter
-        (dequantising ops) still sees the whole weight: a slice of a packed weight is not its first row."""
+        whole weights for them took the main thread ~1 s of the first transfer after a ComfyUI restart (2-core VM,
+        py-spy). The weight's converter (dequantising ops) still sees the whole weight: a slice of a packed weight
+        is not its first row."""
         t = self._tensor(key)
         return t.detach().reshape(t.shape[0], -1)[0].float()
 
