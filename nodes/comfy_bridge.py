@@ -345,7 +345,7 @@ class PatcherWeights:
         py-spy). The weight's converter (dequantising ops) still sees the whole weight: a slice of a packed weight
         is not its first row."""
         t = self._tensor(key)
-        return t.detach().reshape(t.shape[0], -1)[0].float()
+        return as_matrix(t[:1], t.device)[0]
 
     def fingerprint(self, key: str) -> str:
         return _fingerprints(self._weights[key][0])

@@ -55,16 +55,22 @@ def blas_threads(threads: int):
     return contextlib.nullcontext() if controller is None else controller.limit(limits=max(1, int(threads)))
 
 
-def _cpu_vendor() -> str:
-    """The CPU's vendor string (``GenuineIntel``, ``AuthenticAMD``, ...; whatever the platform says elsewhere)."""
+def cpu_info(field: str) -> str | None:
+    """The value of ``field`` (``vendor_id``, ``flags``, ...) in /proc/cpuinfo's first processor; None where there is
+    no such file or field."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
             for line in f:
-                if line.startswith("vendor_id"):
+                if line.startswith(field):
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor()
+    return None
+
+
+def _cpu_vendor() -> str:
+    """The CPU's vendor string (``GenuineIntel``, ``AuthenticAMD``, ...; whatever the platform says elsewhere)."""
+    return cpu_info("vendor_id") or platform.processor()
 
 
 @functools.lru_cache(maxsize=1)
@@ -94,12 +100,12 @@ def gram(x: torch.Tensor, numpy: bool | None = None) -> torch.Tensor:
     return gram_lower(x)
 
 
-def eigh(gram: torch.Tensor, numpy: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def eigh(symmetric: torch.Tensor, numpy: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``torch.linalg.eigh`` of a symmetric matrix given on and below its diagonal, on the chosen side."""
-    if _use_numpy(gram, numpy):
-        vals, vecs = np.linalg.eigh(gram.numpy(), UPLO="L")
+    if _use_numpy(symmetric, numpy):
+        vals, vecs = np.linalg.eigh(symmetric.numpy(), UPLO="L")
         return torch.from_numpy(vals), torch.from_numpy(vecs)
-    return torch.linalg.eigh(gram)
+    return torch.linalg.eigh(symmetric)
 
 
 def matmul(a: torch.Tensor, b: torch.Tensor, numpy: bool | None = None) -> torch.Tensor:

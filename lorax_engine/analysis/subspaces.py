@@ -56,7 +56,7 @@ import torch
 from ..atomic import atomic_path
 from ..errors import LoraFileError, TransferOptionError
 from ..tensor_checks import all_finite
-from .kernels import blas_threads, eigh, gram, gram_lower, matmul
+from .kernels import blas_threads, cpu_info, eigh, gram, gram_lower, matmul
 
 ALGORITHM_VERSION = 5      # 4: whole spectra for exact scores and projection, plain sketches to screen;
                            # 5: a spectrum's other side in float64 (method "gram" computes what "exact" does)
@@ -133,11 +133,8 @@ def fast_sketch_dtype(device: str = "cpu") -> str:
     else float32 (emulated bfloat16 products are far slower than float32 ones)."""
     if str(device).startswith("cuda"):
         return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
-    try:
-        flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
-    except OSError:
-        flags = ""
-    return "bfloat16" if {"avx512_bf16", "amx_bf16"} & set(flags.split()) else "float32"
+    flags = set((cpu_info("flags") or "").split())
+    return "bfloat16" if {"avx512_bf16", "amx_bf16"} & flags else "float32"
 
 
 def _placed(t: torch.Tensor | None, target) -> torch.Tensor | None:
