@@ -29,6 +29,15 @@ Cost per weight on one core of the 2-core VMs (AVX512-BF16; bfloat16 sketch, q =
 ~1.8 s and 1280 x 5120 ~1.2 s on an AMD EPYC (2026-12-04; 2.6 s and 1.5 s with the QR of W V, 2.0 s and 1.4 s with a
 full Gram product).
 
+Why one power iteration and 96 extra columns (measured 2026-12-05 on the same CPU). The figures are the smallest
+factor a bfloat16 sketch shrank an exact score by, over every pair kind and spectrum of tests/test_screening.py at
+640 and 1280 square, among pairs whose exact score is at most 0.35 / above it: q = 1, p = 96: 0.30 / 0.17. Cheaper
+sketches shrink more, and the envelope must then allow more: p = 32 or 64: 0.24 / 0.13 or 0.28 / 0.15; q = 0 with p
+= 200: 0.26 / 0.15 for 8% (1280 x 1280) to 24% (10240 x 1280) less time; q = 0 with p = 96: 0.17 / 0.09, and an
+unrelated 640-wide pair's bound (0.052) would no longer fail the default threshold; a Rayleigh-Ritz on the power
+iteration's own last product (no float32 product): 0.18 / 0.10 on the V side; no power iteration and no Rayleigh-
+Ritz product (each side the top-r of one ``A Omega``): 0.10-0.12 / 0.05.
+
 Cache (:class:`SubspaceCache`): an in-memory LRU bounded in bytes plus an optional on-disk cache. The key
 is the weight's content fingerprint (sha256 of its stored bytes, dtype and shape; see
 :mod:`lorax_engine.files.base_weights`), its matrix shape, the effective method with all its parameters, the
