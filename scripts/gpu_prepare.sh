@@ -13,6 +13,8 @@ DEST=.gpu
 PIP="${PYTHON:-.venv/bin/python} -m pip"
 # versions as in the test runtime (.venv); av's wheels are abi3 manylinux_2_28, so they install on Python 3.12
 WHEELS=(av==18.1.0 torchsde==0.2.6 trampoline==0.1.2 py-spy==0.4.3 threadpoolctl==3.8.0)   # py-spy: gpu_check.sh's profile step
+# not xxhash: its wheels are built per Python version (3.12 there, 3.11 for the dry run here); without it the
+# weights' fingerprints are sha256 (lorax_engine/files/base_weights.py), which 16 threads hash in ~0.5 s there
 
 [[ -f $COMFY/main.py ]] || { echo "gpu-prepare: $COMFY is missing; run 'make setup' first" >&2; exit 1; }
 rm -rf "$DEST/comfyui"

@@ -10,12 +10,14 @@ from contextlib import closing
 
 import pytest
 import torch
+import xxhash
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from lorax_engine.analysis.kernels import gram_lower
 from lorax_engine.analysis.subspaces import SubspaceCache, SubspaceSpec, _unit_columns, compute_basis
 from lorax_engine.errors import LoraFileError, TransferOptionError
+from lorax_engine.files import base_weights
 from lorax_engine.files.base_weights import CheckpointWeights, StateDictWeights, tensor_fingerprint
 from lorax_engine.files.safetensors_file import SafetensorsFile
 from lorax_zoo import spectral_matrix
@@ -369,12 +371,14 @@ def test_get_many_closed_early_waits_for_its_threads():
 
 # --------------------------------------------------------------------------------------------- providers
 
-def test_fingerprint_is_sha256_of_dtype_shape_and_bytes():
+def test_fingerprint_is_xxh3_128_of_dtype_shape_and_bytes_and_sha256_without_xxhash(monkeypatch):
     t = torch.arange(12, dtype=torch.float16).reshape(3, 4)
-    expected = hashlib.sha256(b"torch.float16|(3, 4)|" + t.numpy().tobytes()).hexdigest()
-    assert tensor_fingerprint(t) == "sha256:" + expected
+    content = b"torch.float16|(3, 4)|" + t.numpy().tobytes()
+    assert tensor_fingerprint(t) == "xxh3_128:" + xxhash.xxh3_128(content).hexdigest()
     assert tensor_fingerprint(t.float()) != tensor_fingerprint(t)
     assert tensor_fingerprint(t.reshape(4, 3)) != tensor_fingerprint(t)
+    monkeypatch.setattr(base_weights, "xxhash", None)
+    assert tensor_fingerprint(t) == "sha256:" + hashlib.sha256(content).hexdigest()
 
 
 def _write(path, tensors):
@@ -464,6 +468,22 @@ def test_digest_memo_is_reused_and_invalidated_by_any_rewrite(tmp_path):
         assert w.fingerprint(key) != digest and w.read_seconds > 0.0
     with CheckpointWeights(path, fingerprint_dir=memo, rehash=True) as w:
         assert w.fingerprint(key) == tensor_fingerprint(torch.zeros(4, 4).half())
+
+
+def test_a_digest_memo_of_the_other_hash_is_computed_again(tmp_path, monkeypatch):
+    """Digests memoised while xxhash was missing (sha256) are not mixed with xxh3-128 ones once it is installed:
+    equal weights of two files must have equal digests."""
+    path = _write(tmp_path / "m.safetensors", {"model.diffusion_model.out.2.weight": torch.ones(4, 4).half()})
+    memo = tmp_path / "memo"
+    key = "diffusion_model.out.2.weight"
+    monkeypatch.setattr(base_weights, "xxhash", None)
+    with CheckpointWeights(path, fingerprint_dir=memo) as w:
+        assert w.fingerprint(key).startswith("sha256:")
+    monkeypatch.undo()
+    with CheckpointWeights(path, fingerprint_dir=memo) as w:
+        assert w.fingerprint(key) == tensor_fingerprint(torch.ones(4, 4).half()) and w.read_seconds > 0.0
+    with CheckpointWeights(path, fingerprint_dir=memo) as w:
+        assert w.fingerprint(key).startswith("xxh3_128:") and w.read_seconds == 0.0      # memoised under it now
 
 
 def test_a_weight_with_nan_is_a_clear_error_not_a_cached_basis(tmp_path):
