@@ -39,7 +39,7 @@ iteration's own last product (no float32 product): 0.18 / 0.10 on the V side; no
 Ritz product (each side the top-r of one ``A Omega``): 0.10-0.12 / 0.05.
 
 Cache (:class:`SubspaceCache`): an in-memory LRU bounded in bytes plus an optional on-disk cache. The key
-is the weight's content fingerprint (sha256 of its stored bytes, dtype and shape; see
+is the weight's content fingerprint (xxh3-128 or sha256 of its stored bytes, dtype and shape; see
 :mod:`lorax_engine.files.base_weights`), its matrix shape, the effective method with all its parameters, the
 output dtype and an algorithm version, so a stale entry cannot be served. A request for a sketch is served by a
 spectrum of the same weight when one is at hand (it is exact). Disk entries are safetensors files written
