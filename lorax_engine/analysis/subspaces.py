@@ -304,8 +304,8 @@ def _content_seed(w: torch.Tensor, seed: int) -> int:
 
 
 def _randomized(w: torch.Tensor, spec: SubspaceSpec):
-    """Sketched top-r triplets ``(u, v, s)`` (module docstring), the short side sketched so every orthonormalisation
-    is on ``[min(m, n), l]``."""
+    """Sketched top-r triplets ``(u, v, s)`` (module docstring), the short side sketched: the first and last
+    orthonormalisations are on ``[min(m, n), l]``, each power iteration's middle one on ``[max(m, n), l]``."""
     m, n = w.shape
     if m > n:
         v, u, s = _randomized(w.T, spec)
